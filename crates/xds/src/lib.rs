@@ -1,0 +1,13 @@
+//! vmesh-xds: the xDS transport. It knows type URLs, versions, nonces and
+//! subscriptions, and nothing of the mesh.
+//!
+//! - [`resource`]: resources, content versions and per-proxy snapshots.
+//! - [`stream`]: the per-stream state machine (SotW and delta), pure and synchronous.
+//! - `server` (feature `server`): the tonic ADS service that drives it.
+
+pub mod resource;
+pub mod stream;
+#[cfg(feature = "server")]
+pub mod server;
+
+pub use resource::{ProxySnapshot, Resource, ResourceRef, TypeResources};

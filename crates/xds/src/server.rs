@@ -1,0 +1,360 @@
+//! The ADS gRPC service (state of the world and delta) around [`Stream`].
+//!
+//! Each stream waits for its first request to learn the proxy's node id, then
+//! moves bytes between the proxy, the state machine and the published
+//! snapshots. All protocol decisions are the state machine's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use futures::Stream as FutStream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::resource::{short_type, ProxySnapshot};
+use crate::stream::{Event, Mode, Response, Stream};
+
+/// Every proxy's target resources, by node id, as published by the controller.
+pub type Snapshots = BTreeMap<String, Arc<ProxySnapshot>>;
+
+/// Identifies one ADS stream.
+#[derive(Clone, Debug)]
+pub struct StreamInfo {
+    pub id: u64,
+    pub node: String,
+    pub mode: Mode,
+}
+
+/// Hooks for metrics and logs. Every method has a default that does nothing.
+pub trait Observer: Send + Sync + 'static {
+    fn opened(&self, _stream: &StreamInfo) {}
+    fn closed(&self, _stream: &StreamInfo) {}
+    fn sent(&self, _stream: &StreamInfo, _response: &Response) {}
+    fn event(&self, _stream: &StreamInfo, _event: &Event) {}
+}
+
+/// An observer that observes nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// One connected stream and what its proxy has acknowledged.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub node: String,
+    pub mode: Mode,
+    /// (type URL, resource name) → acknowledged version.
+    pub acked: HashMap<(String, String), String>,
+    /// Whether the proxy holds exactly its target.
+    pub in_sync: bool,
+}
+
+/// The connected streams, for status and readiness. Its generation moves on every change.
+pub struct Connections {
+    inner: Mutex<BTreeMap<u64, Connection>>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            inner: Mutex::new(BTreeMap::new()),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+impl Connections {
+    pub fn list(&self) -> Vec<Connection> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Wakes when a stream opens, closes or acknowledges something.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Connection>> {
+        // A panic elsewhere while holding the lock leaves the map whole; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, info: &StreamInfo, stream: &Stream) {
+        let acked = stream
+            .acked()
+            .map(|(t, n, v)| ((t.to_string(), n.to_string()), v.to_string()))
+            .collect();
+        self.lock().insert(
+            info.id,
+            Connection {
+                node: info.node.clone(),
+                mode: info.mode,
+                acked,
+                in_sync: stream.in_sync(),
+            },
+        );
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// The ADS service. Cheap to clone.
+#[derive(Clone)]
+pub struct AdsServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    snapshots: watch::Receiver<Arc<Snapshots>>,
+    connections: Arc<Connections>,
+    observer: Arc<dyn Observer>,
+    next_id: AtomicU64,
+    empty: Arc<ProxySnapshot>,
+}
+
+impl AdsServer {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshots>>,
+        connections: Arc<Connections>,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
+        AdsServer {
+            inner: Arc::new(Inner {
+                snapshots,
+                connections,
+                observer,
+                next_id: AtomicU64::new(1),
+                empty: Arc::new(ProxySnapshot::default()),
+            }),
+        }
+    }
+
+    /// The tonic service to add to a server.
+    pub fn service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    fn spawn<Req, Resp>(&self, mode: Mode, inbound: Streaming<Req>) -> ReceiverStream<Result<Resp, Status>>
+    where
+        Req: AdsRequest,
+        Resp: Send + 'static,
+        Response: IntoWire<Resp>,
+    {
+        let (tx, rx) = mpsc::channel(16);
+        let inner = self.inner.clone();
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "ads",
+            stream = id,
+            mode = mode.as_str(),
+            node = tracing::field::Empty
+        );
+        tokio::spawn(run_stream(inner, id, mode, inbound, tx).instrument(span));
+        ReceiverStream::new(rx)
+    }
+}
+
+/// What the stream task needs of a request type.
+pub trait AdsRequest: prost::Message + Default + Send + 'static {
+    fn node(&self) -> Option<&Node>;
+    fn handle(&self, stream: &mut Stream) -> Vec<Event>;
+}
+
+impl AdsRequest for DiscoveryRequest {
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+    fn handle(&self, stream: &mut Stream) -> Vec<Event> {
+        stream.handle_sotw(self)
+    }
+}
+
+impl AdsRequest for DeltaDiscoveryRequest {
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+    fn handle(&self, stream: &mut Stream) -> Vec<Event> {
+        stream.handle_delta(self)
+    }
+}
+
+/// Turns a state-machine response into the message of one protocol.
+pub trait IntoWire<T> {
+    fn into_wire(self) -> Option<T>;
+}
+
+impl IntoWire<DiscoveryResponse> for Response {
+    fn into_wire(self) -> Option<DiscoveryResponse> {
+        match self {
+            Response::Sotw(r) => Some(r),
+            Response::Delta(_) => None,
+        }
+    }
+}
+
+impl IntoWire<DeltaDiscoveryResponse> for Response {
+    fn into_wire(self) -> Option<DeltaDiscoveryResponse> {
+        match self {
+            Response::Delta(r) => Some(r),
+            Response::Sotw(_) => None,
+        }
+    }
+}
+
+async fn run_stream<Req, Resp>(
+    inner: Arc<Inner>,
+    id: u64,
+    mode: Mode,
+    mut inbound: Streaming<Req>,
+    tx: mpsc::Sender<Result<Resp, Status>>,
+) where
+    Req: AdsRequest,
+    Response: IntoWire<Resp>,
+{
+    let first = match inbound.message().await {
+        Ok(Some(req)) => req,
+        Ok(None) => return,
+        Err(status) => {
+            debug!(%status, "stream ended before its first request");
+            return;
+        }
+    };
+    let node = first.node().map(|n| n.id.clone()).unwrap_or_default();
+    if node.is_empty() {
+        warn!("refusing a stream whose first request has no node.id");
+        let _ = tx
+            .send(Err(Status::invalid_argument(
+                "the first request of a stream must carry node.id",
+            )))
+            .await;
+        return;
+    }
+    let info = StreamInfo { id, node, mode };
+    tracing::Span::current().record("node", info.node.as_str());
+    info!(node = %info.node, "proxy connected");
+    inner.observer.opened(&info);
+
+    let mut snapshots = inner.snapshots.clone();
+    let lookup = |all: &Snapshots| all.get(&info.node).cloned().unwrap_or_else(|| inner.empty.clone());
+    let target = lookup(&snapshots.borrow_and_update());
+    let mut stream = Stream::new(mode, target);
+    inner.connections.update(&info, &stream);
+
+    let mut next = Some(first);
+    loop {
+        if let Some(req) = next.take() {
+            let events = req.handle(&mut stream);
+            let mut acked = false;
+            for event in &events {
+                log_event(&info, event);
+                inner.observer.event(&info, event);
+                acked |= matches!(event, Event::Ack { .. } | Event::Nack { .. });
+            }
+            if acked {
+                inner.connections.update(&info, &stream);
+            }
+        }
+        for response in stream.poll() {
+            inner.observer.sent(&info, &response);
+            debug!(
+                r#type = short_type(response.type_url()),
+                nonce = response.nonce(),
+                "push"
+            );
+            let Some(wire) = response.into_wire() else {
+                continue;
+            };
+            if tx.send(Ok(wire)).await.is_err() {
+                break;
+            }
+        }
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => next = Some(req),
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(%status, "stream error");
+                    break;
+                }
+            },
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let target = lookup(&snapshots.borrow_and_update());
+                if !Arc::ptr_eq(&target, stream.target()) {
+                    stream.set_target(target);
+                }
+            }
+            _ = tx.closed() => break,
+        }
+    }
+    inner.connections.remove(id);
+    inner.observer.closed(&info);
+    info!(node = %info.node, "proxy disconnected");
+}
+
+fn log_event(info: &StreamInfo, event: &Event) {
+    match event {
+        Event::Ack { type_url, committed } => debug!(
+            node = %info.node,
+            r#type = short_type(type_url),
+            resources = committed.len(),
+            "ack"
+        ),
+        Event::Nack {
+            type_url,
+            rejected,
+            message,
+        } => warn!(
+            node = %info.node,
+            r#type = short_type(type_url),
+            rejected = ?rejected.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            message = %message,
+            "proxy rejected config"
+        ),
+        Event::StaleNonce { type_url } => {
+            debug!(node = %info.node, r#type = short_type(type_url), "stale nonce ignored")
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn FutStream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let out = self.spawn(Mode::Sotw, request.into_inner());
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let out = self.spawn(Mode::Delta, request.into_inner());
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+}

@@ -1,0 +1,507 @@
+//! The state of one ADS stream, as a pure state machine.
+//!
+//! The async server feeds it requests ([`Stream::handle_sotw`],
+//! [`Stream::handle_delta`]) and new targets ([`Stream::set_target`]) and sends
+//! whatever [`Stream::poll`] returns. All protocol decisions live here:
+//!
+//! - versions are committed only on ACK; a NACK keeps the last accepted state
+//!   and the rejected versions are not sent again until they change;
+//! - at most one response per type is in flight, so bursts coalesce;
+//! - requests carrying a stale nonce are ignored (for delta, their
+//!   subscription changes are still applied, since those are incremental);
+//! - make-before-break: a resource that refers to a wildcard-typed resource
+//!   (a route to a cluster) is sent only once the proxy has acknowledged what
+//!   it refers to, and a resource is removed only when nothing the proxy holds
+//!   or is being sent still refers to it;
+//! - a changed cluster gets its endpoints sent again (Envoy keeps an EDS
+//!   cluster warming until it does);
+//! - a proxy that reconnects with versions equal to the current ones
+//!   (`initial_resource_versions`, or a SotW `version_info`) is sent nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as DeltaResource,
+};
+
+use crate::resource::{
+    content_version, is_wildcard_type, ProxySnapshot, Resource, ResourceRef, CLUSTER, ENDPOINT,
+    PUSH_ORDER,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Sotw,
+    Delta,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sotw => "sotw",
+            Mode::Delta => "delta",
+        }
+    }
+}
+
+/// What happened when a request was handled, for metrics, logs and status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The proxy accepted a response; these resources are now committed at these versions.
+    Ack {
+        type_url: String,
+        committed: Vec<(String, String)>,
+    },
+    /// The proxy refused a response. `rejected` are the resources that the refused
+    /// response changed; the proxy keeps what it had.
+    Nack {
+        type_url: String,
+        rejected: Vec<(String, String)>,
+        message: String,
+    },
+    /// A request answered a response that has since been superseded; ignored.
+    StaleNonce { type_url: String },
+}
+
+/// One response to send, in the order returned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Response {
+    Sotw(DiscoveryResponse),
+    Delta(DeltaDiscoveryResponse),
+}
+
+impl Response {
+    pub fn type_url(&self) -> &str {
+        match self {
+            Response::Sotw(r) => &r.type_url,
+            Response::Delta(r) => &r.type_url,
+        }
+    }
+
+    pub fn nonce(&self) -> &str {
+        match self {
+            Response::Sotw(r) => &r.nonce,
+            Response::Delta(r) => &r.nonce,
+        }
+    }
+}
+
+/// What the proxy holds (or is being sent) of one resource.
+#[derive(Clone, Debug)]
+struct Held {
+    version: String,
+    refs: Vec<ResourceRef>,
+    /// The body, when known. A delta proxy that reconnects tells us versions only.
+    body: Option<Arc<Resource>>,
+}
+
+impl Held {
+    fn of(resource: &Arc<Resource>) -> Self {
+        Held {
+            version: resource.version.clone(),
+            refs: resource.refs.clone(),
+            body: Some(resource.clone()),
+        }
+    }
+}
+
+type View = BTreeMap<String, Held>;
+
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    /// The whole view the proxy will hold once it accepts.
+    view: View,
+    /// The resources this response changed, with their versions.
+    changed: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    acked: View,
+    in_flight: Option<InFlight>,
+    /// Versions the proxy refused, by name; not sent again until they change.
+    rejected: BTreeMap<String, String>,
+    /// Names whose acknowledged version must not count: they are sent again.
+    resend: BTreeSet<String>,
+    last_nonce: Option<String>,
+    /// Whether anything was sent or confirmed for this type on this stream.
+    answered: bool,
+}
+
+impl TypeState {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+pub struct Stream {
+    mode: Mode,
+    target: Arc<ProxySnapshot>,
+    types: BTreeMap<String, TypeState>,
+    next_nonce: u64,
+}
+
+impl Stream {
+    pub fn new(mode: Mode, target: Arc<ProxySnapshot>) -> Self {
+        Stream {
+            mode,
+            target,
+            types: BTreeMap::new(),
+            next_nonce: 0,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn set_target(&mut self, target: Arc<ProxySnapshot>) {
+        self.target = target;
+    }
+
+    pub fn target(&self) -> &Arc<ProxySnapshot> {
+        &self.target
+    }
+
+    /// The versions the proxy has acknowledged, by type and name.
+    pub fn acked(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.types.iter().flat_map(|(type_url, ts)| {
+            ts.acked
+                .iter()
+                .map(move |(name, held)| (type_url.as_str(), name.as_str(), held.version.as_str()))
+        })
+    }
+
+    /// Whether the proxy holds exactly the target: everything acknowledged, nothing pending.
+    pub fn in_sync(&self) -> bool {
+        self.types.values().all(|ts| ts.in_flight.is_none())
+            && self.target.resources.iter().all(|(type_url, resources)| {
+                let Some(ts) = self.types.get(*type_url) else {
+                    return false;
+                };
+                resources
+                    .iter()
+                    .filter(|(name, _)| ts.wants(name))
+                    .all(|(name, r)| ts.acked.get(name).is_some_and(|h| h.version == r.version))
+            })
+    }
+
+    pub fn handle_sotw(&mut self, req: &DiscoveryRequest) -> Vec<Event> {
+        let mut events = Vec::new();
+        let first = !self.types.get(&req.type_url).is_some_and(|ts| ts.subscribed);
+        {
+            let ts = self.types.entry(req.type_url.clone()).or_default();
+            if !req.response_nonce.is_empty() {
+                if ts.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                    events.push(Event::StaleNonce {
+                        type_url: req.type_url.clone(),
+                    });
+                    return events;
+                }
+                if let Some(ev) = settle(ts, &req.type_url, &req.response_nonce, req_error(req)) {
+                    events.push(ev);
+                }
+            }
+            ts.subscribed = true;
+            let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+            ts.wildcard = is_wildcard_type(&req.type_url)
+                && (names.is_empty() || names.contains("*"));
+            ts.names = names;
+        }
+        if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
+            // A proxy reconnecting: if it already holds exactly what we would send, it is in sync.
+            let desired = self.desired(&req.type_url);
+            if sotw_version(&desired) == req.version_info {
+                let ts = self.types.get_mut(&req.type_url).expect("inserted above");
+                ts.acked = desired;
+                ts.answered = true;
+            }
+        }
+        events
+    }
+
+    pub fn handle_delta(&mut self, req: &DeltaDiscoveryRequest) -> Vec<Event> {
+        let mut events = Vec::new();
+        let type_url = req.type_url.clone();
+        let ts = self.types.entry(type_url.clone()).or_default();
+        let first = !ts.subscribed;
+        if !req.response_nonce.is_empty() {
+            if ts.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                events.push(Event::StaleNonce {
+                    type_url: type_url.clone(),
+                });
+            } else if let Some(ev) = settle(
+                ts,
+                &type_url,
+                &req.response_nonce,
+                req.error_detail.as_ref().map(|s| s.message.clone()),
+            ) {
+                events.push(ev);
+            }
+        }
+        // Subscription changes are incremental, so they apply even on a stale nonce.
+        ts.subscribed = true;
+        if first && is_wildcard_type(&type_url) && req.resource_names_subscribe.is_empty() {
+            ts.wildcard = true;
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                ts.wildcard = true;
+            } else {
+                ts.names.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                ts.wildcard = false;
+            } else {
+                ts.names.remove(name);
+                // The proxy forgot it: it must be sent again if asked for again.
+                ts.acked.remove(name);
+                ts.rejected.remove(name);
+            }
+        }
+        if first {
+            let current = self.target.of_type(&type_url);
+            let ts = self.types.get_mut(&type_url).expect("inserted above");
+            // A proxy that holds something of this type was initialised before: it needs
+            // only what differs, not a first answer.
+            ts.answered = !req.initial_resource_versions.is_empty();
+            for (name, version) in &req.initial_resource_versions {
+                let held = match current.and_then(|m| m.get(name)) {
+                    Some(r) if &r.version == version => Held::of(r),
+                    _ => Held {
+                        version: version.clone(),
+                        refs: Vec::new(),
+                        body: None,
+                    },
+                };
+                ts.acked.insert(name.clone(), held);
+            }
+        }
+        events
+    }
+
+    /// The responses to send now, in make-before-break order.
+    pub fn poll(&mut self) -> Vec<Response> {
+        let mut order: Vec<String> = PUSH_ORDER.iter().map(|t| t.to_string()).collect();
+        for type_url in self.types.keys() {
+            if !PUSH_ORDER.contains(&type_url.as_str()) {
+                order.push(type_url.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for type_url in order {
+            let ready = self
+                .types
+                .get(&type_url)
+                .is_some_and(|ts| ts.subscribed && ts.in_flight.is_none());
+            if !ready {
+                continue;
+            }
+            let desired = self.desired(&type_url);
+            if let Some(response) = self.respond(&type_url, desired) {
+                out.push(response);
+            }
+        }
+        out
+    }
+
+    /// What the proxy should hold of one type right now.
+    fn desired(&self, type_url: &str) -> View {
+        let Some(ts) = self.types.get(type_url) else {
+            return View::new();
+        };
+        let mut view = View::new();
+        if let Some(target) = self.target.of_type(type_url) {
+            for (name, resource) in target {
+                if !ts.wants(name) {
+                    continue;
+                }
+                let refused = ts.rejected.get(name) == Some(&resource.version);
+                if !refused && self.refs_ready(resource) {
+                    view.insert(name.clone(), Held::of(resource));
+                } else if let Some(old) = ts.acked.get(name) {
+                    view.insert(name.clone(), old.clone());
+                }
+            }
+        }
+        let leaving: Vec<&String> = ts
+            .acked
+            .keys()
+            .filter(|name| !view.contains_key(*name) && ts.wants(name))
+            .collect();
+        if !leaving.is_empty() {
+            let referenced = self.referenced(type_url);
+            for name in leaving {
+                if referenced.contains(name.as_str()) {
+                    view.insert(name.clone(), ts.acked[name].clone());
+                }
+            }
+        }
+        view
+    }
+
+    /// A resource may be sent once every wildcard-typed resource it refers to is held by the
+    /// proxy. Named types (endpoints, routes) are asked for by the proxy itself, so a
+    /// reference to them never waits.
+    fn refs_ready(&self, resource: &Resource) -> bool {
+        resource.refs.iter().all(|r| {
+            if !is_wildcard_type(r.type_url) {
+                return true;
+            }
+            match self.types.get(r.type_url) {
+                Some(ts) if ts.subscribed => ts.acked.contains_key(&r.name),
+                _ => true,
+            }
+        })
+    }
+
+    /// Names of `type_url` that something the proxy holds or is being sent refers to.
+    fn referenced(&self, type_url: &str) -> HashSet<&str> {
+        let mut names = HashSet::new();
+        for ts in self.types.values() {
+            let in_flight = ts.in_flight.iter().flat_map(|f| f.view.values());
+            for held in ts.acked.values().chain(in_flight) {
+                for r in &held.refs {
+                    if r.type_url == type_url {
+                        names.insert(r.name.as_str());
+                    }
+                }
+            }
+        }
+        names
+    }
+
+    fn respond(&mut self, type_url: &str, desired: View) -> Option<Response> {
+        let mode = self.mode;
+        let ts = self.types.get_mut(type_url)?;
+        let changed: Vec<(String, String)> = desired
+            .iter()
+            .filter(|(name, held)| {
+                ts.resend.contains(*name)
+                    || ts.acked.get(*name).map(|h| &h.version) != Some(&held.version)
+            })
+            .map(|(name, held)| (name.clone(), held.version.clone()))
+            .collect();
+        let removed: Vec<String> = ts
+            .acked
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && ts.answered {
+            return None;
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        let response = match mode {
+            Mode::Sotw => {
+                let resources = desired
+                    .values()
+                    .filter_map(|h| h.body.as_ref().map(|b| b.body.clone()))
+                    .collect();
+                Response::Sotw(DiscoveryResponse {
+                    version_info: sotw_version(&desired),
+                    resources,
+                    type_url: type_url.to_string(),
+                    nonce: nonce.clone(),
+                    ..Default::default()
+                })
+            }
+            Mode::Delta => {
+                let resources = changed
+                    .iter()
+                    .filter_map(|(name, _)| desired.get(name))
+                    .filter_map(|h| h.body.as_ref())
+                    .map(|r| DeltaResource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.body.clone()),
+                        ..Default::default()
+                    })
+                    .collect();
+                Response::Delta(DeltaDiscoveryResponse {
+                    system_version_info: sotw_version(&desired),
+                    resources,
+                    type_url: type_url.to_string(),
+                    removed_resources: removed,
+                    nonce: nonce.clone(),
+                    ..Default::default()
+                })
+            }
+        };
+        for (name, _) in &changed {
+            ts.resend.remove(name);
+        }
+        ts.last_nonce = Some(nonce.clone());
+        ts.answered = true;
+        ts.in_flight = Some(InFlight {
+            nonce,
+            view: desired,
+            changed: changed.clone(),
+        });
+        if type_url == CLUSTER {
+            // A changed EDS cluster warms until its endpoints arrive again.
+            let eds = self.types.entry(ENDPOINT.to_string()).or_default();
+            for (name, _) in &changed {
+                eds.resend.insert(name.clone());
+            }
+        }
+        Some(response)
+    }
+}
+
+fn req_error(req: &DiscoveryRequest) -> Option<String> {
+    req.error_detail.as_ref().map(|s| s.message.clone())
+}
+
+/// Commits (ACK) or drops (NACK) the response in flight that `nonce` answers.
+fn settle(ts: &mut TypeState, type_url: &str, nonce: &str, error: Option<String>) -> Option<Event> {
+    let in_flight = ts.in_flight.take_if(|f| f.nonce == nonce)?;
+    match error {
+        None => {
+            ts.acked = in_flight.view;
+            for (name, version) in &in_flight.changed {
+                if ts.rejected.get(name) != Some(version) {
+                    ts.rejected.remove(name);
+                }
+            }
+            Some(Event::Ack {
+                type_url: type_url.to_string(),
+                committed: in_flight.changed,
+            })
+        }
+        Some(message) => {
+            for (name, version) in &in_flight.changed {
+                ts.rejected.insert(name.clone(), version.clone());
+            }
+            Some(Event::Nack {
+                type_url: type_url.to_string(),
+                rejected: in_flight.changed,
+                message,
+            })
+        }
+    }
+}
+
+/// The version of a whole SotW set: a hash of its names and versions.
+fn sotw_version(view: &View) -> String {
+    let mut text = String::new();
+    for (name, held) in view {
+        text.push_str(name);
+        text.push('\0');
+        text.push_str(&held.version);
+        text.push('\n');
+    }
+    content_version(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests;
