@@ -1,0 +1,262 @@
+//! Gateways → per-proxy Listener and RouteConfiguration, plus the clusters and
+//! endpoints those routes use.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::{CodecType, RouteSpecifier},
+    http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use vmesh_model::{Config, GatewaySpec, ObjectKey};
+use vmesh_xds::resource::{CLUSTER, LISTENER, ROUTE};
+use vmesh_xds::{Resource, ResourceRef};
+
+use crate::routes::VirtualServiceRoutes;
+use crate::upstream::{socket_address, UpstreamResources};
+use crate::{ads_config_source, ProxyOutput, Reports};
+
+/// Name of the Listener of gateway `gateway`.
+pub fn listener_name(gateway: &str) -> String {
+    format!("gw-{gateway}")
+}
+
+/// Name of the RouteConfiguration of gateway `gateway`.
+pub fn route_config_name(gateway: &str) -> String {
+    format!("gw-{gateway}-routes")
+}
+
+/// What one gateway produces, the same on each of its proxies.
+struct GatewayResources {
+    listener: Resource,
+    route_config: Resource,
+    /// Config objects behind the route configuration.
+    route_origins: BTreeSet<ObjectKey>,
+    clusters: BTreeSet<String>,
+}
+
+pub(crate) fn translate_all(
+    config: &Config,
+    virtual_services: &BTreeMap<String, VirtualServiceRoutes>,
+    upstreams: &BTreeMap<String, UpstreamResources>,
+    reports: &mut Reports,
+) -> BTreeMap<String, ProxyOutput> {
+    let mut proxies: BTreeMap<String, ProxyOutput> = BTreeMap::new();
+    // Per proxy, the sockets taken so far, with the gateway that took each.
+    let mut sockets: BTreeMap<&str, Vec<(IpAddr, u16, &str)>> = BTreeMap::new();
+    let mut served: BTreeSet<&str> = BTreeSet::new();
+
+    for (name, spec) in &config.gateways {
+        let key = ObjectKey::gateway(name);
+        let bind_ip = spec
+            .bind_address
+            .parse::<IpAddr>()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let mut on_proxies = Vec::new();
+        for proxy in &spec.proxy_names {
+            proxies.entry(proxy.clone()).or_default();
+            let taken = sockets.entry(proxy.as_str()).or_default();
+            if let Some((_, _, other)) = taken
+                .iter()
+                .find(|(ip, port, _)| *port == spec.bind_port && overlaps(*ip, bind_ip))
+            {
+                reports.error(
+                    key.clone(),
+                    "spec.bindPort",
+                    format!(
+                        "{}:{} on proxy {proxy:?} is already used by Gateway {other:?}; this gateway is not served on that proxy",
+                        spec.bind_address, spec.bind_port
+                    ),
+                );
+                continue;
+            }
+            taken.push((bind_ip, spec.bind_port, name.as_str()));
+            on_proxies.push(proxy);
+        }
+        if on_proxies.is_empty() {
+            continue;
+        }
+        let resources =
+            translate_gateway(config, name, spec, virtual_services, reports, &mut served);
+        for proxy in on_proxies {
+            let Some(out) = proxies.get_mut(proxy.as_str()) else {
+                continue;
+            };
+            out.insert(resources.listener.clone(), BTreeSet::from([key.clone()]));
+            out.insert(
+                resources.route_config.clone(),
+                resources.route_origins.clone(),
+            );
+            for cluster in &resources.clusters {
+                if let Some(u) = upstreams.get(cluster) {
+                    let origin = BTreeSet::from([ObjectKey::upstream(cluster)]);
+                    out.insert(u.cluster.clone(), origin.clone());
+                    out.insert(u.endpoints.clone(), origin);
+                }
+            }
+        }
+    }
+
+    for name in config.virtual_services.keys() {
+        if !served.contains(name.as_str()) {
+            reports.warn(
+                ObjectKey::virtual_service(name),
+                "",
+                "not served by any gateway",
+            );
+        }
+    }
+    proxies
+}
+
+/// Whether two listeners on the same port would fight for the socket: the same
+/// address, or a wildcard address and any address of the same family.
+fn overlaps(a: IpAddr, b: IpAddr) -> bool {
+    a == b || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
+}
+
+fn translate_gateway<'c>(
+    config: &'c Config,
+    name: &str,
+    spec: &GatewaySpec,
+    virtual_services: &BTreeMap<String, VirtualServiceRoutes>,
+    reports: &mut Reports,
+    served: &mut BTreeSet<&'c str>,
+) -> GatewayResources {
+    let key = ObjectKey::gateway(name);
+    let rc_name = route_config_name(name);
+
+    // The virtual services this gateway serves, by name.
+    let mut selected: BTreeSet<&str> = BTreeSet::new();
+    match &spec.virtual_services {
+        None => selected.extend(config.virtual_services.keys().map(String::as_str)),
+        Some(names) => {
+            for (i, vs) in names.iter().enumerate() {
+                if config.virtual_services.contains_key(vs) {
+                    selected.insert(vs);
+                } else {
+                    let reason = reports.unavailable_reason(&ObjectKey::virtual_service(vs));
+                    reports.warn(
+                        key.clone(),
+                        format!("spec.virtualServices[{i}]"),
+                        format!("virtual service {vs:?} {reason}"),
+                    );
+                }
+            }
+        }
+    }
+
+    let mut route_origins = BTreeSet::from([key.clone()]);
+    let mut clusters = BTreeSet::new();
+    let mut virtual_hosts = Vec::new();
+    // Domain (lowercase) → the virtual service that has it on this gateway.
+    let mut domain_owner: BTreeMap<String, &str> = BTreeMap::new();
+    for (vs_name, vs_spec) in &config.virtual_services {
+        if !selected.contains(vs_name.as_str()) {
+            continue;
+        }
+        served.insert(vs_name.as_str());
+        let vs_key = ObjectKey::virtual_service(vs_name);
+        let mut domains = Vec::new();
+        for (i, domain) in vs_spec.domains.iter().enumerate() {
+            let lower = domain.to_ascii_lowercase();
+            if let Some(owner) = domain_owner.get(&lower) {
+                reports.warn(
+                    vs_key.clone(),
+                    format!("spec.domains[{i}]"),
+                    format!(
+                        "domain {domain:?} is already served by VirtualService {owner:?} on Gateway {name:?}; ignored there"
+                    ),
+                );
+            } else {
+                domain_owner.insert(lower, vs_name.as_str());
+                domains.push(domain.clone());
+            }
+        }
+        if domains.is_empty() {
+            reports.warn(
+                vs_key,
+                "spec.domains",
+                format!("no domain left on Gateway {name:?}; not served there"),
+            );
+            continue;
+        }
+        let Some(translated) = virtual_services.get(vs_name) else {
+            continue;
+        };
+        clusters.extend(translated.clusters.iter().cloned());
+        route_origins.insert(vs_key);
+        virtual_hosts.push(VirtualHost {
+            name: vs_name.clone(),
+            domains,
+            routes: translated.routes.clone(),
+            ..Default::default()
+        });
+    }
+
+    let route_config = RouteConfiguration {
+        name: rc_name.clone(),
+        virtual_hosts,
+        ..Default::default()
+    };
+    let route_refs = clusters
+        .iter()
+        .map(|c| ResourceRef::new(CLUSTER, c.clone()))
+        .collect();
+
+    GatewayResources {
+        listener: Resource::new(
+            LISTENER,
+            listener_name(name),
+            &listener(name, spec, &rc_name),
+            vec![ResourceRef::new(ROUTE, rc_name.clone())],
+        ),
+        route_config: Resource::new(ROUTE, rc_name, &route_config, route_refs),
+        route_origins,
+        clusters,
+    }
+}
+
+fn any<M: Message + Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
+    let router = HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: rc_name.to_string(),
+        })),
+        http_filters: vec![router],
+        ..Default::default()
+    };
+    Listener {
+        name: listener_name(name),
+        address: Some(socket_address(&spec.bind_address, spec.bind_port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
