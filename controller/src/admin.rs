@@ -1,0 +1,197 @@
+//! The admin HTTP endpoint: liveness, readiness, Prometheus metrics, object
+//! status and a per-proxy config dump.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use prometheus_client::registry::Registry;
+use prost::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use vmesh_xds::resource::{short_type, Resource, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use vmesh_xds::server::Connections;
+
+use crate::index::PublishedRx;
+use crate::status::{object_statuses, NackLog};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub published: PublishedRx,
+    pub connections: Arc<Connections>,
+    pub nacks: Arc<NackLog>,
+    pub registry: Arc<Registry>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/status/{kind}/{name}", get(status_one))
+        .route("/config_dump", get(config_dump))
+        .with_state(state)
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    match s.published.borrow().as_ref() {
+        Some(p) => (
+            StatusCode::OK,
+            format!("ready (generation {})\n", p.generation),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no config translated yet\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn not_ready() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "no config translated yet"})),
+    )
+        .into_response()
+}
+
+async fn status(State(s): State<AdminState>) -> Response {
+    let Some(published) = s.published.borrow().clone() else {
+        return not_ready();
+    };
+    let connections = s.connections.list();
+    let objects = object_statuses(&published, &connections, &s.nacks);
+    let proxies: Vec<Value> = published
+        .translation
+        .proxies
+        .keys()
+        .map(|name| {
+            let streams: Vec<_> = connections.iter().filter(|c| &c.node == name).collect();
+            json!({
+                "name": name,
+                "connected": streams.len(),
+                "inSync": !streams.is_empty() && streams.iter().all(|c| c.in_sync),
+            })
+        })
+        .collect();
+    Json(json!({
+        "generation": published.generation,
+        "translationMs": published.took.as_secs_f64() * 1e3,
+        "objects": objects,
+        "sourceErrors": published.source_errors,
+        "proxies": proxies,
+    }))
+    .into_response()
+}
+
+async fn status_one(
+    State(s): State<AdminState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Response {
+    let Some(published) = s.published.borrow().clone() else {
+        return not_ready();
+    };
+    let connections = s.connections.list();
+    match object_statuses(&published, &connections, &s.nacks)
+        .into_iter()
+        .find(|o| o.kind == kind && o.name == name)
+    {
+        Some(o) => Json(o).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no object {kind}/{name}")})),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct DumpQuery {
+    proxy: String,
+}
+
+async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) -> Response {
+    let Some(published) = s.published.borrow().clone() else {
+        return not_ready();
+    };
+    let Some(output) = published.translation.proxies.get(&q.proxy) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no gateway applies to proxy {:?}", q.proxy)})),
+        )
+            .into_response();
+    };
+    let connections: Vec<_> = s
+        .connections
+        .list()
+        .into_iter()
+        .filter(|c| c.node == q.proxy)
+        .collect();
+    let mut resources = Vec::new();
+    for (type_url, by_name) in &output.snapshot.resources {
+        for (name, r) in by_name {
+            let key = (type_url.to_string(), name.clone());
+            let acked = connections
+                .iter()
+                .filter(|c| c.acked.get(&key) == Some(&r.version))
+                .count();
+            let origins: Vec<String> = output
+                .origins
+                .get(&(*type_url, name.clone()))
+                .map(|o| o.iter().map(|k| k.to_string()).collect())
+                .unwrap_or_default();
+            resources.push(json!({
+                "type": short_type(type_url),
+                "name": name,
+                "version": r.version,
+                "origins": origins,
+                "ackedBy": acked,
+                "body": render(r),
+            }));
+        }
+    }
+    Json(json!({
+        "proxy": q.proxy,
+        "generation": published.generation,
+        "connections": connections.iter().map(|c| json!({"mode": c.mode.as_str(), "inSync": c.in_sync})).collect::<Vec<_>>(),
+        "resources": resources,
+    }))
+    .into_response()
+}
+
+/// A readable rendering of a resource body (protobuf text in Rust debug form).
+fn render(r: &Resource) -> String {
+    let bytes = &r.body.value[..];
+    let text = match r.type_url {
+        CLUSTER => Cluster::decode(bytes).map(|m| format!("{m:#?}")),
+        ENDPOINT => ClusterLoadAssignment::decode(bytes).map(|m| format!("{m:#?}")),
+        LISTENER => Listener::decode(bytes).map(|m| format!("{m:#?}")),
+        ROUTE => RouteConfiguration::decode(bytes).map(|m| format!("{m:#?}")),
+        _ => return format!("{} bytes", bytes.len()),
+    };
+    text.unwrap_or_else(|e| format!("undecodable: {e}"))
+}

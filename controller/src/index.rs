@@ -1,0 +1,148 @@
+//! The index: the one writer of the controller's state.
+//!
+//! It applies source changes to the [`ConfigSet`], translates the result and
+//! publishes two immutable values: every proxy's snapshot (read by the xDS
+//! streams) and the whole translation (read by status, metrics and the NACK
+//! reporter). Readers only ever see the latest; they never block the writer.
+//! Bursts coalesce: everything queued when a translation starts goes into it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+use vmesh_model::{ConfigSet, Problem, SourceMode};
+use vmesh_translate::Translation;
+use vmesh_xds::server::Snapshots;
+
+use crate::metrics::Metrics;
+use crate::source::{Change, SourceEvent};
+
+/// One published translation.
+pub struct Published {
+    /// Moves by one on every publication.
+    pub generation: u64,
+    pub translation: Translation,
+    /// Problems that belong to no object (e.g. a file that is not YAML), by source.
+    pub source_errors: BTreeMap<String, Vec<Problem>>,
+    pub took: Duration,
+}
+
+/// The latest translation, `None` until the first one.
+pub type PublishedRx = watch::Receiver<Option<Arc<Published>>>;
+
+pub struct Index {
+    set: ConfigSet,
+    mode: SourceMode,
+    snapshots: watch::Sender<Arc<Snapshots>>,
+    published: watch::Sender<Option<Arc<Published>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Index {
+    pub fn new(
+        mode: SourceMode,
+        metrics: Arc<Metrics>,
+    ) -> (Self, watch::Receiver<Arc<Snapshots>>, PublishedRx) {
+        let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshots::new()));
+        let (published, published_rx) = watch::channel(None);
+        let index = Index {
+            set: ConfigSet::new(),
+            mode,
+            snapshots,
+            published,
+            metrics,
+        };
+        (index, snapshots_rx, published_rx)
+    }
+
+    /// Applies events until every source is gone.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
+        let mut generation = 0;
+        while let Some(event) = events.recv().await {
+            let mut changed = self.apply(event);
+            while let Ok(more) = events.try_recv() {
+                changed |= self.apply(more);
+            }
+            if !changed && generation > 0 {
+                continue;
+            }
+            generation += 1;
+            let config = self.set.snapshot();
+            let source_errors = config.source_errors.clone();
+            let started = Instant::now();
+            // Translation is CPU work; keep it off the async workers that serve proxies.
+            let translation = match tokio::task::spawn_blocking(move || {
+                vmesh_translate::translate(&config)
+            })
+            .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "translation panicked; keeping the last config");
+                    continue;
+                }
+            };
+            let took = started.elapsed();
+            self.metrics.translated(took, &translation);
+            self.publish(generation, translation, source_errors, took);
+        }
+    }
+
+    fn apply(&mut self, event: SourceEvent) -> bool {
+        let mut changed = false;
+        for change in event.changes {
+            changed |= match change {
+                Change::Upsert { source, text } => {
+                    self.set.upsert_source(&source, &text, self.mode)
+                }
+                Change::Remove { source } => self.set.remove_source(&source),
+            };
+        }
+        changed
+    }
+
+    fn publish(
+        &self,
+        generation: u64,
+        translation: Translation,
+        source_errors: BTreeMap<String, Vec<Problem>>,
+        took: Duration,
+    ) {
+        let previous = self.snapshots.borrow().clone();
+        let mut next = Snapshots::new();
+        let mut changed_proxies = 0;
+        for (proxy, output) in &translation.proxies {
+            // Keep the same Arc for an unchanged proxy so its streams skip it at once.
+            match previous.get(proxy) {
+                Some(old) if **old == output.snapshot => {
+                    next.insert(proxy.clone(), old.clone());
+                }
+                _ => {
+                    changed_proxies += 1;
+                    next.insert(proxy.clone(), Arc::new(output.snapshot.clone()));
+                }
+            }
+        }
+        let removed = previous.keys().filter(|p| !next.contains_key(*p)).count();
+        info!(
+            generation,
+            proxies = next.len(),
+            changed = changed_proxies + removed,
+            took_ms = took.as_secs_f64() * 1e3,
+            "config translated"
+        );
+        if changed_proxies + removed > 0 || generation == 1 {
+            self.snapshots.send_replace(Arc::new(next));
+        } else {
+            debug!("no proxy changed");
+        }
+        self.published.send_replace(Some(Arc::new(Published {
+            generation,
+            translation,
+            source_errors,
+            took,
+        })));
+    }
+}

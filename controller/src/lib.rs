@@ -1,0 +1,134 @@
+//! vmesh-controller: watches config sources, translates them into Envoy
+//! resources and serves them over ADS, and reports what happened to every
+//! config object.
+//!
+//! [`run`] builds every component and spawns each in its own span, so the
+//! wiring of the whole program reads in one place.
+
+mod admin;
+pub mod args;
+mod index;
+mod metrics;
+mod source;
+mod status;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tracing::{info, Instrument};
+use vmesh_model::SourceMode;
+use vmesh_xds::server::{AdsServer, Connections};
+
+use crate::args::{Args, LogFormat};
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    init_logging(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vmesh")
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?;
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+
+    // Source → index → (snapshots, translation).
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (index, snapshots, published) = index::Index::new(SourceMode::MultiDoc, metrics.clone());
+    let dir = source::dir::DirSource::new(args.config_dir.clone(), args.debounce);
+    info!(dir = %args.config_dir.display(), "reading config from a directory");
+    tokio::spawn(
+        async move {
+            if let Err(e) = dir.run(events_tx).await {
+                tracing::error!(error = %e, "config directory source stopped");
+            }
+        }
+        .instrument(tracing::info_span!("source", kind = "dir")),
+    );
+    tokio::spawn(
+        index
+            .run(events_rx)
+            .instrument(tracing::info_span!("index")),
+    );
+
+    // xDS server.
+    let connections = Arc::new(Connections::default());
+    let nacks = Arc::new(status::NackLog::default());
+    let observer = Arc::new(status::ControllerObserver {
+        metrics: metrics.clone(),
+        nacks: nacks.clone(),
+        published: published.clone(),
+    });
+    let ads = AdsServer::new(snapshots, connections.clone(), observer);
+    let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
+        .await
+        .with_context(|| format!("cannot listen for xDS on {}", args.xds_addr))?;
+    info!(addr = %xds_listener.local_addr()?, "xDS server listening");
+    let xds = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(ads.service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+            shutdown_signal(),
+        );
+
+    // Admin endpoint.
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen for admin on {}", args.admin_addr))?;
+    info!(addr = %admin_listener.local_addr()?, "admin endpoint listening");
+    let app = admin::router(admin::AdminState {
+        published,
+        connections,
+        nacks,
+        registry: Arc::new(registry),
+    });
+    let admin = axum::serve(admin_listener, app).with_graceful_shutdown(shutdown_signal());
+
+    let (xds, admin) = tokio::join!(
+        xds.instrument(tracing::info_span!("xds")),
+        std::future::IntoFuture::into_future(admin).instrument(tracing::info_span!("admin"))
+    );
+    xds.context("xDS server failed")?;
+    admin.context("admin endpoint failed")?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,127 @@
+//! The controller's metrics. Names follow one rule: `vmesh_<subsystem>_<name>[_<unit>][_total]`,
+//! base units (seconds), bounded labels (resource type, stream mode, object kind and state; never
+//! proxy names, object names or error text).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use vmesh_model::{Kind, State};
+use vmesh_translate::Translation;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub kind: &'static str,
+    pub state: &'static str,
+}
+
+pub struct Metrics {
+    pub streams: Family<ModeLabel, Gauge>,
+    pub pushes: Family<TypeLabel, Counter>,
+    pub acks: Family<TypeLabel, Counter>,
+    pub nacks: Family<TypeLabel, Counter>,
+    pub stale_nonces: Family<TypeLabel, Counter>,
+    pub translations: Counter,
+    pub translation_seconds: Histogram,
+    pub objects: Family<ObjectLabels, Gauge>,
+    pub proxies: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            streams: Family::default(),
+            pushes: Family::default(),
+            acks: Family::default(),
+            nacks: Family::default(),
+            stale_nonces: Family::default(),
+            translations: Counter::default(),
+            translation_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            objects: Family::default(),
+            proxies: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("vmesh");
+        r.register("xds_streams", "Connected ADS streams", m.streams.clone());
+        r.register("xds_pushes", "xDS responses sent", m.pushes.clone());
+        r.register(
+            "xds_acks",
+            "xDS responses acknowledged by a proxy",
+            m.acks.clone(),
+        );
+        r.register(
+            "xds_nacks",
+            "xDS responses rejected by a proxy",
+            m.nacks.clone(),
+        );
+        r.register(
+            "xds_stale_nonces",
+            "Requests ignored because they answered a superseded response",
+            m.stale_nonces.clone(),
+        );
+        r.register(
+            "translations",
+            "Translations of the whole config",
+            m.translations.clone(),
+        );
+        r.register(
+            "translation_duration_seconds",
+            "Time to translate the whole config",
+            m.translation_seconds.clone(),
+        );
+        r.register(
+            "config_objects",
+            "Config objects by kind and state",
+            m.objects.clone(),
+        );
+        r.register(
+            "proxies",
+            "Proxies that some gateway applies to",
+            m.proxies.clone(),
+        );
+        m
+    }
+
+    pub fn translated(&self, took: Duration, translation: &Translation) {
+        self.translations.inc();
+        self.translation_seconds.observe(took.as_secs_f64());
+        self.proxies.set(translation.proxies.len() as i64);
+        for kind in Kind::ALL {
+            for state in [State::Accepted, State::Warning, State::Rejected] {
+                let n = translation
+                    .reports
+                    .iter()
+                    .filter(|(k, r)| k.kind == kind && r.state == state)
+                    .count();
+                self.objects
+                    .get_or_create(&ObjectLabels {
+                        kind: kind.as_str(),
+                        state: state_str(state),
+                    })
+                    .set(n as i64);
+            }
+        }
+    }
+}
+
+pub fn state_str(state: State) -> &'static str {
+    match state {
+        State::Accepted => "Accepted",
+        State::Warning => "Warning",
+        State::Rejected => "Rejected",
+    }
+}

@@ -1,0 +1,186 @@
+//! A controller process, a real Envoy it configures, and echo upstreams: the
+//! pieces every end-to-end scenario starts from.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use vmesh_testkit::{eventually, free_port, http_get, Envoy, Response};
+use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A `vmesh-controller` process reading a temporary config directory.
+pub struct Controller {
+    child: Child,
+    pub dir: PathBuf,
+    pub xds_port: u16,
+    pub admin_port: u16,
+    log: PathBuf,
+}
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+impl Controller {
+    /// Starts a controller on a fresh config directory holding `files` and waits until it is ready.
+    pub fn start(files: &[(&str, &str)]) -> Controller {
+        Self::start_with(files, &[])
+    }
+
+    /// [`Controller::start`] with extra command-line arguments.
+    pub fn start_with(files: &[(&str, &str)], extra: &[&str]) -> Controller {
+        let base = std::env::temp_dir().join(format!(
+            "vmesh-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("config");
+        std::fs::create_dir_all(&dir).expect("create config dir");
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).expect("write config");
+        }
+        let xds_port = free_port();
+        let admin_port = free_port();
+        let log = base.join("controller.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+            .arg("--config-dir")
+            .arg(&dir)
+            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--log", "info,vmesh_xds=debug"])
+            .args(extra)
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vmesh-controller");
+        let c = Controller {
+            child,
+            dir,
+            xds_port,
+            admin_port,
+            log,
+        };
+        eventually(DEADLINE, "the controller to be ready", || {
+            let r = http_get(&c.admin("/readyz"), &[])?;
+            (r.status == 200)
+                .then_some(())
+                .ok_or(format!("readyz {}", r.status))
+        });
+        c
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Writes a config file the way editors do: a temporary file, then a rename.
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write temp file");
+        std::fs::rename(&tmp, self.dir.join(name)).expect("rename into place");
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.join(name)).expect("remove config file");
+    }
+
+    pub fn status(&self) -> Value {
+        http_get(&self.admin("/status"), &[])
+            .and_then(|r| r.json())
+            .expect("controller status")
+    }
+
+    /// The status of one object, e.g. `("VirtualService", "web")`.
+    pub fn object(&self, kind: &str, name: &str) -> Option<Value> {
+        self.status()["objects"]
+            .as_array()?
+            .iter()
+            .find(|o| o["kind"] == kind && o["name"] == name)
+            .cloned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A real Envoy that takes its config from this controller.
+    pub fn envoy(&self, proxy: &str, protocol: Protocol) -> Envoy {
+        let bootstrap = render(&BootstrapArgs {
+            proxy: proxy.to_string(),
+            cluster: None,
+            xds_addr: format!("127.0.0.1:{}", self.xds_port),
+            protocol,
+            admin_port: 0,
+        })
+        .expect("bootstrap");
+        let envoy = Envoy::start(&bootstrap, proxy);
+        envoy.wait_ready(DEADLINE);
+        envoy
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- controller log (last lines) ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        } else if let Some(base) = self.dir.parent() {
+            let _ = std::fs::remove_dir_all(base);
+        }
+    }
+}
+
+/// Sends a request through Envoy's listener on `port`.
+pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Response, String> {
+    http_get(&format!("http://127.0.0.1:{port}{path}"), headers)
+}
+
+/// The upstream that served an echo response.
+pub fn served_by(r: &Response) -> String {
+    r.header("x-served-by").unwrap_or("-").to_string()
+}
+
+/// Waits until a request to `path` (with `headers`) is served by `service`.
+#[track_caller]
+pub fn wait_served_by(port: u16, path: &str, headers: &[(&str, &str)], service: &str) {
+    eventually(
+        DEADLINE,
+        &format!("{path} to be served by {service}"),
+        || {
+            let r = get(port, path, headers)?;
+            if r.status == 200 && served_by(&r) == service {
+                Ok(())
+            } else {
+                Err(format!("status {} served by {}", r.status, served_by(&r)))
+            }
+        },
+    )
+}
+
+pub fn upstream_doc(name: &str, port: u16) -> String {
+    format!(
+        "kind: Upstream\nname: {name}\nspec:\n  static:\n    hosts:\n      - address: 127.0.0.1\n        port: {port}\n"
+    )
+}
+
+pub fn gateway_doc(port: u16, proxy: &str) -> String {
+    format!("kind: Gateway\nname: edge\nspec:\n  bindPort: {port}\n  proxyNames: [{proxy}]\n")
+}
+
+pub fn path_of(p: &Path) -> String {
+    p.display().to_string()
+}
