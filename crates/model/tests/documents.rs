@@ -683,7 +683,9 @@ fn route_split() {
     );
     // A backend parked at 0 % is fine while another gets the traffic.
     assert!(matches!(
-        object(s(json!([{"upstream": "a", "weight": 100}, {"upstream": "b", "weight": 0}]))),
+        object(s(
+            json!([{"upstream": "a", "weight": 100}, {"upstream": "b", "weight": 0}])
+        )),
         Object::VirtualService(_)
     ));
     assert_problem(

@@ -6,8 +6,8 @@
 //! - `server` (feature `server`): the tonic ADS service that drives it.
 
 pub mod resource;
-pub mod stream;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod stream;
 
 pub use resource::{ProxySnapshot, Resource, ResourceRef, TypeResources};

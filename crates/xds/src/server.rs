@@ -150,7 +150,11 @@ impl AdsServer {
             .max_encoding_message_size(256 << 20)
     }
 
-    fn spawn<Req, Resp>(&self, mode: Mode, inbound: Streaming<Req>) -> ReceiverStream<Result<Resp, Status>>
+    fn spawn<Req, Resp>(
+        &self,
+        mode: Mode,
+        inbound: Streaming<Req>,
+    ) -> ReceiverStream<Result<Resp, Status>>
     where
         Req: AdsRequest,
         Resp: Send + 'static,
@@ -251,7 +255,11 @@ async fn run_stream<Req, Resp>(
     inner.observer.opened(&info);
 
     let mut snapshots = inner.snapshots.clone();
-    let lookup = |all: &Snapshots| all.get(&info.node).cloned().unwrap_or_else(|| inner.empty.clone());
+    let lookup = |all: &Snapshots| {
+        all.get(&info.node)
+            .cloned()
+            .unwrap_or_else(|| inner.empty.clone())
+    };
     let target = lookup(&snapshots.borrow_and_update());
     let mut stream = Stream::new(mode, target);
     inner.connections.update(&info, &stream);
@@ -312,7 +320,10 @@ async fn run_stream<Req, Resp>(
 
 fn log_event(info: &StreamInfo, event: &Event) {
     match event {
-        Event::Ack { type_url, committed } => debug!(
+        Event::Ack {
+            type_url,
+            committed,
+        } => debug!(
             node = %info.node,
             r#type = short_type(type_url),
             resources = committed.len(),

@@ -194,7 +194,10 @@ impl Stream {
 
     pub fn handle_sotw(&mut self, req: &DiscoveryRequest) -> Vec<Event> {
         let mut events = Vec::new();
-        let first = !self.types.get(&req.type_url).is_some_and(|ts| ts.subscribed);
+        let first = !self
+            .types
+            .get(&req.type_url)
+            .is_some_and(|ts| ts.subscribed);
         {
             let ts = self.types.entry(req.type_url.clone()).or_default();
             if !req.response_nonce.is_empty() {
@@ -210,8 +213,8 @@ impl Stream {
             }
             ts.subscribed = true;
             let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
-            ts.wildcard = is_wildcard_type(&req.type_url)
-                && (names.is_empty() || names.contains("*"));
+            ts.wildcard =
+                is_wildcard_type(&req.type_url) && (names.is_empty() || names.contains("*"));
             ts.names = names;
         }
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {

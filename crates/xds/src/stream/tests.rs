@@ -111,13 +111,21 @@ fn names_in(r: &DiscoveryResponse) -> Vec<String> {
     r.resources
         .iter()
         .map(|any| match any.type_url.as_str() {
-            CLUSTER => <Cluster as prost::Message>::decode(&*any.value).unwrap().name,
+            CLUSTER => {
+                <Cluster as prost::Message>::decode(&*any.value)
+                    .unwrap()
+                    .name
+            }
             ENDPOINT => {
                 <ClusterLoadAssignment as prost::Message>::decode(&*any.value)
                     .unwrap()
                     .cluster_name
             }
-            LISTENER => <Listener as prost::Message>::decode(&*any.value).unwrap().name,
+            LISTENER => {
+                <Listener as prost::Message>::decode(&*any.value)
+                    .unwrap()
+                    .name
+            }
             ROUTE => {
                 <RouteConfiguration as prost::Message>::decode(&*any.value)
                     .unwrap()
@@ -174,7 +182,10 @@ fn sotw_start_up_sends_each_type_once_and_ack_commits() {
     let mut s = Stream::new(Mode::Sotw, gateway(&["a"]));
     let last = converge_sotw(&mut s, &["a"]);
     assert_eq!(last.len(), 4);
-    let acked: Vec<_> = s.acked().map(|(t, n, _)| (t.to_string(), n.to_string())).collect();
+    let acked: Vec<_> = s
+        .acked()
+        .map(|(t, n, _)| (t.to_string(), n.to_string()))
+        .collect();
     assert_eq!(acked.len(), 4);
 }
 
@@ -195,7 +206,11 @@ fn first_response_is_sent_even_when_there_is_nothing() {
     s.handle_sotw(&sotw_req(CLUSTER, &[], "", ""));
     let out = s.poll();
     let r = sotw(&out);
-    assert_eq!(r.len(), 1, "Envoy waits for a first answer before it starts");
+    assert_eq!(
+        r.len(),
+        1,
+        "Envoy waits for a first answer before it starts"
+    );
     assert!(r[0].resources.is_empty());
     s.handle_sotw(&sotw_req(CLUSTER, &[], &r[0].version_info, &r[0].nonce));
     assert!(s.poll().is_empty());
@@ -217,14 +232,24 @@ fn a_route_waits_until_the_cluster_it_uses_is_acknowledged() {
     let cds = r[0].clone();
 
     // Envoy asks for b's endpoints; the route is still held back.
-    s.handle_sotw(&sotw_req(ENDPOINT, &["a", "b"], &last[ENDPOINT].0, &last[ENDPOINT].1));
+    s.handle_sotw(&sotw_req(
+        ENDPOINT,
+        &["a", "b"],
+        &last[ENDPOINT].0,
+        &last[ENDPOINT].1,
+    ));
     let out = s.poll();
     let r = sotw(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].type_url, ENDPOINT);
     assert_eq!(names_in(r[0]), vec!["a", "b"]);
     let eds = r[0].clone();
-    s.handle_sotw(&sotw_req(ENDPOINT, &["a", "b"], &eds.version_info, &eds.nonce));
+    s.handle_sotw(&sotw_req(
+        ENDPOINT,
+        &["a", "b"],
+        &eds.version_info,
+        &eds.nonce,
+    ));
     assert!(s.poll().is_empty(), "route waits for the cluster ACK");
 
     // Cluster b warmed and is acknowledged: now the route moves.
@@ -249,7 +274,10 @@ fn a_route_waits_until_the_cluster_it_uses_is_acknowledged() {
 fn a_nack_keeps_the_last_good_config_and_the_same_version_is_not_resent() {
     let mut s = Stream::new(Mode::Sotw, gateway(&["a"]));
     let last = converge_sotw(&mut s, &["a"]);
-    let before: Vec<_> = s.acked().map(|(t, n, v)| (t.to_string(), n.to_string(), v.to_string())).collect();
+    let before: Vec<_> = s
+        .acked()
+        .map(|(t, n, v)| (t.to_string(), n.to_string(), v.to_string()))
+        .collect();
 
     // A listener change the proxy refuses.
     let mut bad = (*gateway(&["a"])).clone();
@@ -269,7 +297,10 @@ fn a_nack_keeps_the_last_good_config_and_the_same_version_is_not_resent() {
             message: "Proto constraint validation failed".into(),
         }]
     );
-    let after: Vec<_> = s.acked().map(|(t, n, v)| (t.to_string(), n.to_string(), v.to_string())).collect();
+    let after: Vec<_> = s
+        .acked()
+        .map(|(t, n, v)| (t.to_string(), n.to_string(), v.to_string()))
+        .collect();
     assert_eq!(before, after, "the proxy keeps what it had");
     assert!(s.poll().is_empty(), "the refused version is not sent again");
 
@@ -297,8 +328,16 @@ fn a_request_with_a_stale_nonce_is_ignored() {
     // A request answering the previous CDS response arrives late.
     let (v, n) = &last[CLUSTER];
     let events = s.handle_sotw(&sotw_req(CLUSTER, &[], v, n));
-    assert_eq!(events, vec![Event::StaleNonce { type_url: CLUSTER.into() }]);
-    assert!(s.poll().is_empty(), "no resend, the response in flight still stands");
+    assert_eq!(
+        events,
+        vec![Event::StaleNonce {
+            type_url: CLUSTER.into()
+        }]
+    );
+    assert!(
+        s.poll().is_empty(),
+        "no resend, the response in flight still stands"
+    );
 
     let events = s.handle_sotw(&sotw_req(CLUSTER, &[], &cds.version_info, &cds.nonce));
     assert!(matches!(&events[..], [Event::Ack { .. }]));
@@ -315,8 +354,15 @@ fn a_changed_cluster_gets_its_endpoints_again() {
     let out = s.poll();
     let r = sotw(&out);
     let types: Vec<&str> = r.iter().map(|r| r.type_url.as_str()).collect();
-    assert_eq!(types, vec![CLUSTER, ENDPOINT], "endpoints follow the cluster, unchanged or not");
-    assert_eq!(r[1].version_info, last[ENDPOINT].0, "same endpoint content, same version");
+    assert_eq!(
+        types,
+        vec![CLUSTER, ENDPOINT],
+        "endpoints follow the cluster, unchanged or not"
+    );
+    assert_eq!(
+        r[1].version_info, last[ENDPOINT].0,
+        "same endpoint content, same version"
+    );
 }
 
 #[test]
@@ -330,7 +376,12 @@ fn resubscribing_to_more_names_sends_them() {
     assert!(s.poll().is_empty());
 
     // The proxy now also wants b (same nonce: the subscription changed, not an answer).
-    s.handle_sotw(&sotw_req(ENDPOINT, &["a", "b"], &eds.version_info, &eds.nonce));
+    s.handle_sotw(&sotw_req(
+        ENDPOINT,
+        &["a", "b"],
+        &eds.version_info,
+        &eds.nonce,
+    ));
     let out = s.poll();
     assert_eq!(names_in(sotw(&out)[0]), vec!["a", "b"]);
 }
@@ -458,7 +509,17 @@ fn delta_reconnect_with_initial_versions_gets_only_the_difference() {
     // Reconnect holding everything at current versions: nothing is sent.
     let mut s = Stream::new(Mode::Delta, gateway(&["a"]));
     for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
-        let mut req = delta_req(type_url, if type_url == ENDPOINT { &["a"] } else if type_url == ROUTE { &["gw"] } else { &[] }, "");
+        let mut req = delta_req(
+            type_url,
+            if type_url == ENDPOINT {
+                &["a"]
+            } else if type_url == ROUTE {
+                &["gw"]
+            } else {
+                &[]
+            },
+            "",
+        );
         req.initial_resource_versions = held[type_url].clone();
         s.handle_delta(&req);
     }
@@ -514,7 +575,10 @@ fn delta_unsubscribe_forgets_and_resubscribe_resends() {
     let mut req = delta_req(ENDPOINT, &[], "");
     req.resource_names_unsubscribe = vec!["a".into()];
     s.handle_delta(&req);
-    assert!(s.poll().is_empty(), "nothing to send for an unsubscribed name");
+    assert!(
+        s.poll().is_empty(),
+        "nothing to send for an unsubscribed name"
+    );
     s.handle_delta(&delta_req(ENDPOINT, &["a"], ""));
     let out = s.poll();
     assert_eq!(delta_names(delta(&out)[0]), vec!["a"]);
@@ -542,10 +606,21 @@ fn one_response_per_type_in_flight_coalesces_bursts() {
     let out = s.poll();
     let cds = sotw(&out)[0].clone();
     s.set_target(gateway(&["a", "b", "c"]));
-    assert!(s.poll().is_empty(), "wait for the ACK before the next CDS push");
+    assert!(
+        s.poll().is_empty(),
+        "wait for the ACK before the next CDS push"
+    );
     s.set_target(gateway(&["a", "b", "c", "d"]));
     s.handle_sotw(&sotw_req(CLUSTER, &[], &cds.version_info, &cds.nonce));
     let out = s.poll();
-    let cds2 = sotw(&out).into_iter().find(|r| r.type_url == CLUSTER).unwrap().clone();
-    assert_eq!(names_in(&cds2), vec!["a", "b", "c", "d"], "the latest state, once");
+    let cds2 = sotw(&out)
+        .into_iter()
+        .find(|r| r.type_url == CLUSTER)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        names_in(&cds2),
+        vec!["a", "b", "c", "d"],
+        "the latest state, once"
+    );
 }
