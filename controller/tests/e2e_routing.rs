@@ -426,3 +426,59 @@ fn delta_a_proxy_rejection_is_reported_on_its_object() {
 fn sotw_a_proxy_rejection_is_reported_on_its_object() {
     a_proxy_rejection_is_reported_on_its_object(Protocol::Sotw);
 }
+
+/// The controller goes away and comes back: Envoy keeps serving its last config
+/// meanwhile, reconnects, and — versions being content hashes — is sent nothing.
+fn a_controller_restart_resends_nothing(protocol: Protocol) {
+    let mut m = mesh(ROUTES);
+    let envoy = m.controller.envoy(PROXY, protocol);
+    wait_served_by(m.port, "/", &[], "v1");
+    let updates = || -> Vec<u64> {
+        [
+            "cluster_manager.cds.update_success",
+            "listener_manager.lds.update_success",
+        ]
+        .iter()
+        .map(|s| envoy.stat(s).unwrap_or(0))
+        .chain([envoy
+            .stats_matching("rds.*update_success")
+            .values()
+            .sum::<u64>()])
+        .collect()
+    };
+    let before = updates();
+
+    m.controller.kill();
+    for _ in 0..10 {
+        assert_eq!(
+            served_by(&get(m.port, "/", &[]).unwrap()),
+            "v1",
+            "Envoy serves on its own"
+        );
+    }
+    m.controller.restart();
+    eventually(DEADLINE, "Envoy to reconnect and be in sync", || {
+        let s = m.controller.status();
+        let p = &s["proxies"][0];
+        (p["connected"] == 1
+            && p["inSync"] == true
+            && envoy.stat("control_plane.connected_state") == Some(1))
+        .then_some(())
+        .ok_or(format!("{p}"))
+    });
+    assert_eq!(updates(), before, "nothing was resent after the reconnect");
+    assert_eq!(
+        served_by(&get(m.port, "/", &[("x-version", "v2")]).unwrap()),
+        "v2"
+    );
+}
+
+#[test]
+fn delta_a_controller_restart_resends_nothing() {
+    a_controller_restart_resends_nothing(Protocol::Delta);
+}
+
+#[test]
+fn sotw_a_controller_restart_resends_nothing() {
+    a_controller_restart_resends_nothing(Protocol::Sotw);
+}

@@ -16,6 +16,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// A `vmesh-controller` process reading a temporary config directory.
 pub struct Controller {
     child: Child,
+    extra: Vec<String>,
     pub dir: PathBuf,
     pub xds_port: u16,
     pub admin_port: u16,
@@ -46,31 +47,40 @@ impl Controller {
         let xds_port = free_port();
         let admin_port = free_port();
         let log = base.join("controller.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-            .arg("--config-dir")
-            .arg(&dir)
-            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args(["--log", "info,vmesh_xds=debug"])
-            .args(extra)
-            .stdout(std::fs::File::create(&log).expect("log file"))
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start vmesh-controller");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = spawn(&dir, xds_port, admin_port, &log, &extra);
         let c = Controller {
             child,
+            extra,
             dir,
             xds_port,
             admin_port,
             log,
         };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&self) {
         eventually(DEADLINE, "the controller to be ready", || {
-            let r = http_get(&c.admin("/readyz"), &[])?;
+            let r = http_get(&self.admin("/readyz"), &[])?;
             (r.status == 200)
                 .then_some(())
                 .ok_or(format!("readyz {}", r.status))
         });
-        c
+    }
+
+    /// Stops the controller and starts a new process on the same ports and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(
+            &self.dir,
+            self.xds_port,
+            self.admin_port,
+            &self.log,
+            &self.extra,
+        );
+        self.wait_ready();
     }
 
     pub fn admin(&self, path: &str) -> String {
@@ -128,6 +138,25 @@ impl Controller {
     }
 }
 
+fn spawn(dir: &Path, xds_port: u16, admin_port: u16, log: &Path, extra: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+        .arg("--config-dir")
+        .arg(dir)
+        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        .args(["--log", "info,vmesh_xds=debug"])
+        .args(extra)
+        .stdout(log)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start vmesh-controller")
+}
+
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
@@ -179,8 +208,4 @@ pub fn upstream_doc(name: &str, port: u16) -> String {
 
 pub fn gateway_doc(port: u16, proxy: &str) -> String {
     format!("kind: Gateway\nname: edge\nspec:\n  bindPort: {port}\n  proxyNames: [{proxy}]\n")
-}
-
-pub fn path_of(p: &Path) -> String {
-    p.display().to_string()
 }

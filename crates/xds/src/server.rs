@@ -267,16 +267,13 @@ async fn run_stream<Req, Resp>(
     let mut next = Some(first);
     loop {
         if let Some(req) = next.take() {
-            let events = req.handle(&mut stream);
-            let mut acked = false;
-            for event in &events {
-                log_event(&info, event);
-                inner.observer.event(&info, event);
-                acked |= matches!(event, Event::Ack { .. } | Event::Nack { .. });
+            for event in req.handle(&mut stream) {
+                log_event(&info, &event);
+                inner.observer.event(&info, &event);
             }
-            if acked {
-                inner.connections.update(&info, &stream);
-            }
+            // Any request may change what the proxy holds: an ACK, or versions it
+            // brought from an earlier stream.
+            inner.connections.update(&info, &stream);
         }
         for response in stream.poll() {
             inner.observer.sent(&info, &response);
