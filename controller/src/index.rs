@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 use vmesh_model::{ConfigSet, Problem, SourceMode};
 use vmesh_translate::Translation;
-use vmesh_xds::server::Snapshots;
+use vmesh_xds::server::{Snapshots, SnapshotsRx};
 
 use crate::metrics::Metrics;
 use crate::source::{Change, SourceEvent};
@@ -35,17 +35,14 @@ pub type PublishedRx = watch::Receiver<Option<Arc<Published>>>;
 pub struct Index {
     set: ConfigSet,
     mode: SourceMode,
-    snapshots: watch::Sender<Arc<Snapshots>>,
+    snapshots: watch::Sender<Option<Arc<Snapshots>>>,
     published: watch::Sender<Option<Arc<Published>>>,
     metrics: Arc<Metrics>,
 }
 
 impl Index {
-    pub fn new(
-        mode: SourceMode,
-        metrics: Arc<Metrics>,
-    ) -> (Self, watch::Receiver<Arc<Snapshots>>, PublishedRx) {
-        let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshots::new()));
+    pub fn new(mode: SourceMode, metrics: Arc<Metrics>) -> (Self, SnapshotsRx, PublishedRx) {
+        let (snapshots, snapshots_rx) = watch::channel(None);
         let (published, published_rx) = watch::channel(None);
         let index = Index {
             set: ConfigSet::new(),
@@ -110,7 +107,7 @@ impl Index {
         source_errors: BTreeMap<String, Vec<Problem>>,
         took: Duration,
     ) {
-        let previous = self.snapshots.borrow().clone();
+        let previous = self.snapshots.borrow().clone().unwrap_or_default();
         let mut next = Snapshots::new();
         let mut changed_proxies = 0;
         for (proxy, output) in &translation.proxies {
@@ -134,7 +131,7 @@ impl Index {
             "config translated"
         );
         if changed_proxies + removed > 0 || generation == 1 {
-            self.snapshots.send_replace(Arc::new(next));
+            self.snapshots.send_replace(Some(Arc::new(next)));
         } else {
             debug!("no proxy changed");
         }

@@ -13,6 +13,22 @@ use vmeshctl::bootstrap::Protocol;
 
 const PROXY: &str = "gateway-proxy";
 
+macro_rules! for_each_protocol {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn delta() {
+                super::$scenario(vmeshctl::bootstrap::Protocol::Delta);
+            }
+
+            #[test]
+            fn sotw() {
+                super::$scenario(vmeshctl::bootstrap::Protocol::Sotw);
+            }
+        }
+    )*};
+}
+
 struct Mesh {
     v1: EchoServer,
     v2: EchoServer,
@@ -146,16 +162,6 @@ fn traffic_is_routed_per_config(protocol: Protocol) {
     );
 }
 
-#[test]
-fn delta_traffic_is_routed_per_config() {
-    traffic_is_routed_per_config(Protocol::Delta);
-}
-
-#[test]
-fn sotw_traffic_is_routed_per_config() {
-    traffic_is_routed_per_config(Protocol::Sotw);
-}
-
 const TO_V1: &str =
     "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: v1\n";
 const TO_V2: &str =
@@ -233,16 +239,6 @@ fn edits_change_routing_and_bad_edits_are_rejected(protocol: Protocol) {
     assert!(m.controller.object("VirtualService", "web").is_none());
 }
 
-#[test]
-fn delta_edits_change_routing_and_bad_edits_are_rejected() {
-    edits_change_routing_and_bad_edits_are_rejected(Protocol::Delta);
-}
-
-#[test]
-fn sotw_edits_change_routing_and_bad_edits_are_rejected() {
-    edits_change_routing_and_bad_edits_are_rejected(Protocol::Sotw);
-}
-
 fn weighted_split_follows_weights(protocol: Protocol) {
     let m = mesh(
         "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - split:\n        - {upstream: v1, weight: 75}\n        - {upstream: v2, weight: 25}\n",
@@ -268,16 +264,6 @@ fn weighted_split_follows_weights(protocol: Protocol) {
     // 2000 draws at p = 0.25: one standard deviation is about 1 %; allow 4.
     assert!((v1 - 0.75).abs() < 0.04, "v1 share {v1}");
     assert!((v2 - 0.25).abs() < 0.04, "v2 share {v2}");
-}
-
-#[test]
-fn delta_weighted_split_follows_weights() {
-    weighted_split_follows_weights(Protocol::Delta);
-}
-
-#[test]
-fn sotw_weighted_split_follows_weights() {
-    weighted_split_follows_weights(Protocol::Sotw);
 }
 
 /// Route changes under steady load: alternating targets, a new upstream that
@@ -350,16 +336,6 @@ fn no_request_fails_while_routes_change(protocol: Protocol) {
     );
 }
 
-#[test]
-fn delta_no_request_fails_while_routes_change() {
-    no_request_fails_while_routes_change(Protocol::Delta);
-}
-
-#[test]
-fn sotw_no_request_fails_while_routes_change() {
-    no_request_fails_while_routes_change(Protocol::Sotw);
-}
-
 /// A config vmesh accepts but Envoy refuses (RE2 refuses regexes whose program
 /// is too large) is reported on the object that produced it, and the proxy keeps
 /// its last good config.
@@ -417,16 +393,6 @@ fn a_proxy_rejection_is_reported_on_its_object(protocol: Protocol) {
     );
 }
 
-#[test]
-fn delta_a_proxy_rejection_is_reported_on_its_object() {
-    a_proxy_rejection_is_reported_on_its_object(Protocol::Delta);
-}
-
-#[test]
-fn sotw_a_proxy_rejection_is_reported_on_its_object() {
-    a_proxy_rejection_is_reported_on_its_object(Protocol::Sotw);
-}
-
 /// The controller goes away and comes back: Envoy keeps serving its last config
 /// meanwhile, reconnects, and — versions being content hashes — is sent nothing.
 fn a_controller_restart_resends_nothing(protocol: Protocol) {
@@ -473,12 +439,12 @@ fn a_controller_restart_resends_nothing(protocol: Protocol) {
     );
 }
 
-#[test]
-fn delta_a_controller_restart_resends_nothing() {
-    a_controller_restart_resends_nothing(Protocol::Delta);
-}
-
-#[test]
-fn sotw_a_controller_restart_resends_nothing() {
-    a_controller_restart_resends_nothing(Protocol::Sotw);
-}
+// Every scenario runs once per xDS protocol, as `<scenario>::delta` and `<scenario>::sotw`.
+for_each_protocol!(
+    traffic_is_routed_per_config,
+    edits_change_routing_and_bad_edits_are_rejected,
+    weighted_split_follows_weights,
+    no_request_fails_while_routes_change,
+    a_proxy_rejection_is_reported_on_its_object,
+    a_controller_restart_resends_nothing,
+);

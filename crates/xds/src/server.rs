@@ -28,6 +28,10 @@ use crate::stream::{Event, Mode, Response, Stream};
 /// Every proxy's target resources, by node id, as published by the controller.
 pub type Snapshots = BTreeMap<String, Arc<ProxySnapshot>>;
 
+/// What the server reads: `None` until the controller has built its first snapshot. Streams
+/// wait for it, so a restarted controller never tells a proxy that its config is empty.
+pub type SnapshotsRx = watch::Receiver<Option<Arc<Snapshots>>>;
+
 /// Identifies one ADS stream.
 #[derive(Clone, Debug)]
 pub struct StreamInfo {
@@ -119,7 +123,7 @@ pub struct AdsServer {
 }
 
 struct Inner {
-    snapshots: watch::Receiver<Arc<Snapshots>>,
+    snapshots: SnapshotsRx,
     connections: Arc<Connections>,
     observer: Arc<dyn Observer>,
     next_id: AtomicU64,
@@ -128,7 +132,7 @@ struct Inner {
 
 impl AdsServer {
     pub fn new(
-        snapshots: watch::Receiver<Arc<Snapshots>>,
+        snapshots: SnapshotsRx,
         connections: Arc<Connections>,
         observer: Arc<dyn Observer>,
     ) -> Self {
@@ -255,9 +259,12 @@ async fn run_stream<Req, Resp>(
     inner.observer.opened(&info);
 
     let mut snapshots = inner.snapshots.clone();
-    let lookup = |all: &Snapshots| {
-        all.get(&info.node)
-            .cloned()
+    if snapshots.wait_for(Option::is_some).await.is_err() {
+        return;
+    }
+    let lookup = |all: &Option<Arc<Snapshots>>| {
+        all.as_ref()
+            .and_then(|all| all.get(&info.node).cloned())
             .unwrap_or_else(|| inner.empty.clone())
     };
     let target = lookup(&snapshots.borrow_and_update());
