@@ -224,3 +224,17 @@ fn the_admin_endpoint_reports_health_metrics_status_and_config() {
         assert!(v["level"].is_string(), "{line}");
     }
 }
+
+#[test]
+fn an_idle_controller_uses_no_cpu() {
+    let s = setup();
+    let c = start(&s, &[]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    wait_served_by(s.port, "/", &[], "v1");
+    let before = c.cpu_ticks();
+    std::thread::sleep(std::time::Duration::from_secs(2)); // measuring idleness: nothing to wait for
+    let used = c.cpu_ticks() - before;
+    // A clock tick is 10 ms; a watch that wakes itself up (its own reads of the files are
+    // inotify events too) would burn tens of ticks here.
+    assert!(used <= 3, "an idle controller used {used} ticks in 2 s");
+}

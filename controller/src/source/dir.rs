@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -22,6 +22,9 @@ use super::{Change, SourceEvent};
 
 /// How often the directory is rescanned even without events.
 const RESCAN: Duration = Duration::from_secs(5);
+
+/// How many times in a row a read is retried because files changed while it ran.
+const MAX_REREADS: u32 = 20;
 
 pub struct DirSource {
     dir: PathBuf,
@@ -38,7 +41,9 @@ impl DirSource {
         let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok() {
+                // Opening or reading a file changes nothing, and our own reads would wake us
+                // forever.
+                if res.is_ok_and(|e| !matches!(e.kind, EventKind::Access(_))) {
                     let _ = wake_tx.send(());
                 }
             })?;
@@ -58,6 +63,7 @@ impl DirSource {
         let mut known: BTreeMap<String, String> = BTreeMap::new();
         let mut missing_reported = false;
         let mut first = true;
+        let mut rereads = 0;
         loop {
             if !watching && self.dir.is_dir() {
                 match watcher.watch(&self.dir, RecursiveMode::Recursive) {
@@ -67,7 +73,16 @@ impl DirSource {
                     }
                 }
             }
-            match scan(&self.dir) {
+            let scanned = scan(&self.dir);
+            // A write that landed while we were reading may have torn the read (one file
+            // old, another new): read again once things settle, a few times at most.
+            if drain(&mut wake) && rereads < MAX_REREADS {
+                rereads += 1;
+                tokio::time::sleep(self.debounce).await;
+                continue;
+            }
+            rereads = 0;
+            match scanned {
                 Some(files) => {
                     if missing_reported {
                         info!(dir = %self.dir.display(), "config directory is back");
@@ -113,13 +128,22 @@ impl DirSource {
                     }
                     // Let the burst settle, then take everything that came with it.
                     tokio::time::sleep(self.debounce).await;
-                    while wake.try_recv().is_ok() {}
+                    drain(&mut wake);
                 }
                 _ = tokio::time::sleep(RESCAN) => {}
                 _ = out.closed() => return Ok(()),
             }
         }
     }
+}
+
+/// Takes every pending wake-up; true if there was any.
+fn drain(wake: &mut mpsc::UnboundedReceiver<()>) -> bool {
+    let mut any = false;
+    while wake.try_recv().is_ok() {
+        any = true;
+    }
+    any
 }
 
 /// Reads every config file under `dir`, by path relative to it. `None` if `dir` is not a directory.
