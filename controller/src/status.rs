@@ -157,6 +157,7 @@ pub struct ObjectStatus {
     pub source: String,
     pub version: String,
     pub serving_last_good: bool,
+    pub serving_version: Option<String>,
     pub proxies: ProxyCount,
 }
 
@@ -189,6 +190,7 @@ pub fn object_statuses(
                 source: report.source.clone(),
                 version: report.version.clone(),
                 serving_last_good: report.serving_last_good,
+                serving_version: report.serving_version.clone(),
                 proxies: counts.get(key).copied().unwrap_or_default(),
             };
             if let Some(nack) = nacks.get(key) {

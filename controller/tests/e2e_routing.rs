@@ -195,6 +195,8 @@ fn edits_change_routing_and_bad_edits_are_rejected(protocol: Protocol) {
         "{status}"
     );
     assert_eq!(status["servingLastGood"], true);
+    assert!(status["servingVersion"].is_string(), "{status}");
+    assert_ne!(status["servingVersion"], status["version"], "{status}");
     for _ in 0..20 {
         assert_eq!(
             served_by(&get(m.port, "/", &[]).unwrap()),
