@@ -20,6 +20,7 @@ use vmesh_xds::resource::{short_type, Resource, CLUSTER, ENDPOINT, LISTENER, ROU
 use vmesh_xds::server::Connections;
 
 use crate::index::PublishedRx;
+use crate::source::SourceHealth;
 use crate::status::{object_statuses, NackLog};
 
 #[derive(Clone)]
@@ -27,6 +28,7 @@ pub struct AdminState {
     pub published: PublishedRx,
     pub connections: Arc<Connections>,
     pub nacks: Arc<NackLog>,
+    pub health: Arc<SourceHealth>,
     pub registry: Arc<Registry>,
 }
 
@@ -41,19 +43,28 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Ready once the first config is translated. A config source that cannot be read
+/// does not make the controller unready: it keeps serving the last config it read,
+/// which is what proxies need; it says so here, in /status and in the metrics.
 async fn ready(State(s): State<AdminState>) -> Response {
-    match s.published.borrow().as_ref() {
-        Some(p) => (
-            StatusCode::OK,
-            format!("ready (generation {})\n", p.generation),
-        )
-            .into_response(),
-        None => (
+    let generation = s.published.borrow().as_ref().map(|p| p.generation);
+    let Some(g) = generation else {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no config translated yet\n",
         )
-            .into_response(),
-    }
+            .into_response();
+    };
+    let text = match s.health.degraded() {
+        None => format!("ready (generation {g})\n"),
+        Some(d) => format!(
+            "ready, degraded: the config source failed {} times in a row, for {}s ({}); serving generation {g}\n",
+            d.failures,
+            d.since.elapsed().map(|e| e.as_secs()).unwrap_or(0),
+            d.error
+        ),
+    };
+    (StatusCode::OK, text).into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -101,6 +112,10 @@ async fn status(State(s): State<AdminState>) -> Response {
     Json(json!({
         "generation": published.generation,
         "translationMs": published.took.as_secs_f64() * 1e3,
+        "source": match s.health.degraded() {
+            None => json!({"healthy": true}),
+            Some(d) => json!({"healthy": false, "error": d.error, "failures": d.failures}),
+        },
         "objects": objects,
         "sourceErrors": published.source_errors,
         "proxies": proxies,

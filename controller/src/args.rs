@@ -21,9 +21,47 @@ pub enum LogFormat {
     about = "The vmesh control plane: config in, Envoy xDS out."
 )]
 pub struct Args {
-    /// Directory of YAML/JSON config documents, watched for changes (the embedded default source).
-    #[arg(long, env = "VMESH_CONFIG_DIR", default_value = "examples/demo")]
-    pub config_dir: PathBuf,
+    /// Directory of YAML/JSON config documents, watched for changes: the embedded default
+    /// source, used unless Consul is chosen. Defaults to `examples/demo`.
+    #[arg(long, env = "VMESH_CONFIG_DIR", conflicts_with = "consul")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Read config from Consul KV (`<prefix>/config/<Kind>/<name>`). Also chosen when
+    /// CONSUL_HTTP_ADDR is set and --config-dir is not.
+    #[arg(long, env = "VMESH_CONSUL")]
+    pub consul: bool,
+
+    /// Consul's HTTP address.
+    #[arg(long, env = "CONSUL_HTTP_ADDR")]
+    pub consul_addr: Option<String>,
+
+    /// Consul ACL token (prefer --consul-token-file or the variable: a flag shows in `ps`).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+
+    /// File holding the Consul ACL token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
+    pub consul_token_file: Option<PathBuf>,
+
+    /// CA bundle for an https Consul (not supported yet: refused with a clear error).
+    #[arg(long, env = "CONSUL_CACERT")]
+    pub consul_cacert: Option<PathBuf>,
+
+    /// Client certificate for Consul (not supported yet).
+    #[arg(long, env = "CONSUL_CLIENT_CERT")]
+    pub consul_client_cert: Option<PathBuf>,
+
+    /// Client key for Consul (not supported yet).
+    #[arg(long, env = "CONSUL_CLIENT_KEY")]
+    pub consul_client_key: Option<PathBuf>,
+
+    /// Consul datacenter to read from; the agent's own by default.
+    #[arg(long, env = "VMESH_CONSUL_DATACENTER")]
+    pub consul_datacenter: Option<String>,
+
+    /// Prefix of every vmesh key in Consul KV.
+    #[arg(long, env = "VMESH_CONSUL_PREFIX", default_value = "vmesh")]
+    pub consul_prefix: String,
 
     /// Address of the xDS (ADS gRPC) server that Envoy proxies connect to.
     #[arg(long, env = "VMESH_XDS_ADDR", default_value = "127.0.0.1:18000")]
@@ -32,6 +70,19 @@ pub struct Args {
     /// Address of the admin HTTP endpoint: /healthz, /readyz, /metrics, /status, /config_dump.
     #[arg(long, env = "VMESH_ADMIN_ADDR", default_value = "127.0.0.1:19000")]
     pub admin_addr: SocketAddr,
+
+    /// This replica's name, in logs and in the leader key. Defaults to `<hostname>-<pid>`.
+    #[arg(long, env = "VMESH_ID", default_value_t = default_id())]
+    pub id: String,
+
+    /// TTL of the Consul session that holds leadership; a leader that stops renewing
+    /// it loses leadership after this long.
+    #[arg(long, env = "VMESH_LEADER_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_ttl: Duration,
+
+    /// How long a released leader lock stays untakeable (Consul's lock delay).
+    #[arg(long, env = "VMESH_LEADER_LOCK_DELAY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub leader_lock_delay: Duration,
 
     /// How long to wait for a burst of file changes to settle before applying it.
     #[arg(long, env = "VMESH_DEBOUNCE", default_value = "5ms", value_parser = humantime::parse_duration)]
@@ -44,4 +95,73 @@ pub struct Args {
     /// Log filter, e.g. `info` or `vmesh_xds=debug,info`.
     #[arg(long, env = "VMESH_LOG", default_value = "info")]
     pub log: String,
+}
+
+fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "vmesh".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Where the controller reads its config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceChoice {
+    Dir(PathBuf),
+    Consul,
+}
+
+impl Args {
+    pub fn source(&self) -> SourceChoice {
+        match (&self.config_dir, self.consul || self.consul_addr.is_some()) {
+            (Some(dir), _) => SourceChoice::Dir(dir.clone()),
+            (None, true) => SourceChoice::Consul,
+            (None, false) => SourceChoice::Dir(PathBuf::from("examples/demo")),
+        }
+    }
+
+    pub fn consul_config(&self) -> Result<vmesh_consul::ConsulConfig, vmesh_consul::ConsulError> {
+        vmesh_consul::ConsulConfig::from_env(vmesh_consul::ConsulEnv {
+            http_addr: self.consul_addr.clone(),
+            http_token: self.consul_token.clone(),
+            http_token_file: self.consul_token_file.clone(),
+            cacert: self.consul_cacert.clone(),
+            client_cert: self.consul_client_cert.clone(),
+            client_key: self.consul_client_key.clone(),
+            datacenter: self.consul_datacenter.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("vmesh-controller").chain(args.iter().copied()))
+            .expect("arguments parse")
+    }
+
+    #[test]
+    fn the_source_is_chosen_by_flags() {
+        assert_eq!(
+            parse(&[]).source(),
+            SourceChoice::Dir("examples/demo".into())
+        );
+        assert_eq!(
+            parse(&["--config-dir", "x"]).source(),
+            SourceChoice::Dir("x".into())
+        );
+        assert_eq!(parse(&["--consul"]).source(), SourceChoice::Consul);
+        assert_eq!(
+            parse(&["--consul-addr", "127.0.0.1:8500"]).source(),
+            SourceChoice::Consul
+        );
+        assert_eq!(
+            parse(&["--consul-addr", "127.0.0.1:8500", "--config-dir", "x"]).source(),
+            SourceChoice::Dir("x".into()),
+            "an explicit directory wins over an address from the environment"
+        );
+        assert!(Args::try_parse_from(["c", "--consul", "--config-dir", "x"]).is_err());
+    }
 }

@@ -26,6 +26,8 @@ pub struct Published {
     pub translation: Translation,
     /// Problems that belong to no object (e.g. a file that is not YAML), by source.
     pub source_errors: BTreeMap<String, Vec<Problem>>,
+    /// The KV ModifyIndex each source was read at (Consul sources only).
+    pub revisions: BTreeMap<String, u64>,
     pub took: Duration,
 }
 
@@ -34,19 +36,20 @@ pub type PublishedRx = watch::Receiver<Option<Arc<Published>>>;
 
 pub struct Index {
     set: ConfigSet,
-    mode: SourceMode,
+    /// The KV ModifyIndex each keyed source was last read at.
+    revisions: BTreeMap<String, u64>,
     snapshots: watch::Sender<Option<Arc<Snapshots>>>,
     published: watch::Sender<Option<Arc<Published>>>,
     metrics: Arc<Metrics>,
 }
 
 impl Index {
-    pub fn new(mode: SourceMode, metrics: Arc<Metrics>) -> (Self, SnapshotsRx, PublishedRx) {
+    pub fn new(metrics: Arc<Metrics>) -> (Self, SnapshotsRx, PublishedRx) {
         let (snapshots, snapshots_rx) = watch::channel(None);
         let (published, published_rx) = watch::channel(None);
         let index = Index {
             set: ConfigSet::new(),
-            mode,
+            revisions: BTreeMap::new(),
             snapshots,
             published,
             metrics,
@@ -92,9 +95,30 @@ impl Index {
         for change in event.changes {
             changed |= match change {
                 Change::Upsert { source, text } => {
-                    self.set.upsert_source(&source, &text, self.mode)
+                    self.set.upsert_source(&source, &text, SourceMode::MultiDoc)
                 }
-                Change::Remove { source } => self.set.remove_source(&source),
+                Change::Object {
+                    source,
+                    key,
+                    text,
+                    revision,
+                } => {
+                    self.revisions.insert(source.clone(), revision);
+                    self.set.upsert_keyed(&source, &key, &text)
+                }
+                Change::Reject {
+                    source,
+                    key,
+                    problem,
+                    revision,
+                } => {
+                    self.revisions.insert(source.clone(), revision);
+                    self.set.reject_source(&source, key.as_ref(), problem)
+                }
+                Change::Remove { source } => {
+                    self.revisions.remove(&source);
+                    self.set.remove_source(&source)
+                }
             };
         }
         changed
@@ -139,6 +163,7 @@ impl Index {
             generation,
             translation,
             source_errors,
+            revisions: self.revisions.clone(),
             took,
         })));
     }

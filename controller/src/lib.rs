@@ -8,19 +8,20 @@
 mod admin;
 pub mod args;
 mod index;
+mod leader;
 mod metrics;
 mod source;
 mod status;
+mod status_kv;
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, Instrument};
-use vmesh_model::SourceMode;
 use vmesh_xds::server::{AdsServer, Connections};
 
-use crate::args::{Args, LogFormat};
+use crate::args::{Args, LogFormat, SourceChoice};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args)?;
@@ -48,20 +49,82 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("stopping");
+        let _ = shutdown_tx.send(true);
+    });
 
     // Source → index → (snapshots, translation).
     let (events_tx, events_rx) = mpsc::channel(64);
-    let (index, snapshots, published) = index::Index::new(SourceMode::MultiDoc, metrics.clone());
-    let dir = source::dir::DirSource::new(args.config_dir.clone(), args.debounce);
-    info!(dir = %args.config_dir.display(), "reading config from a directory");
-    tokio::spawn(
-        async move {
-            if let Err(e) = dir.run(events_tx).await {
-                tracing::error!(error = %e, "config directory source stopped");
-            }
+    let (index, snapshots, published) = index::Index::new(metrics.clone());
+    let health = Arc::new(source::SourceHealth::new(
+        metrics.source_up.clone(),
+        metrics.source_errors.clone(),
+    ));
+    let connections = Arc::new(Connections::default());
+    let nacks = Arc::new(status::NackLog::default());
+    let mut background = Vec::new();
+    match args.source() {
+        SourceChoice::Dir(dir) => {
+            info!(dir = %dir.display(), "reading config from a directory");
+            let source = source::dir::DirSource::new(dir, args.debounce);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = source.run(events_tx).await {
+                        tracing::error!(error = %e, "config directory source stopped");
+                    }
+                }
+                .instrument(tracing::info_span!("source", kind = "dir")),
+            );
         }
-        .instrument(tracing::info_span!("source", kind = "dir")),
-    );
+        SourceChoice::Consul => {
+            let config = args.consul_config().context("Consul")?;
+            let client = vmesh_consul::Client::new(&config).context("Consul")?;
+            let prefix = args.consul_prefix.trim_end_matches('/').to_string();
+            let source = source::consul::ConsulSource {
+                client: client.clone(),
+                prefix: prefix.clone(),
+                watch: vmesh_consul::WatchConfig::default(),
+                health: health.clone(),
+            };
+            info!(consul = %client.address(), prefix = %source.config_prefix(), "reading config from Consul KV");
+            tokio::spawn(
+                source
+                    .run(events_tx)
+                    .instrument(tracing::info_span!("source", kind = "consul")),
+            );
+
+            // Replicas elect a leader; only it writes status.
+            let (leader_tx, leader) = watch::channel(false);
+            let election = leader::Election {
+                client: client.clone(),
+                key: format!("{prefix}/leader"),
+                id: args.id.clone(),
+                ttl: args.leader_ttl,
+                lock_delay: args.leader_lock_delay,
+            };
+            background.push(tokio::spawn(
+                election
+                    .run(leader_tx, shutdown.clone())
+                    .instrument(tracing::info_span!("election")),
+            ));
+            let writer = status_kv::StatusWriter {
+                client,
+                prefix: format!("{prefix}/status/"),
+                leader,
+                published: published.clone(),
+                connections: connections.clone(),
+                nacks: nacks.clone(),
+            };
+            background.push(tokio::spawn(
+                writer
+                    .run(shutdown.clone())
+                    .instrument(tracing::info_span!("status")),
+            ));
+        }
+    }
     tokio::spawn(
         index
             .run(events_rx)
@@ -69,8 +132,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     );
 
     // xDS server.
-    let connections = Arc::new(Connections::default());
-    let nacks = Arc::new(status::NackLog::default());
     let observer = Arc::new(status::ControllerObserver {
         metrics: metrics.clone(),
         nacks: nacks.clone(),
@@ -86,7 +147,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .add_service(ads.service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
-            shutdown_signal(),
+            stopped(shutdown.clone()),
         );
 
     // Admin endpoint.
@@ -98,18 +159,27 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         published,
         connections,
         nacks,
+        health,
         registry: Arc::new(registry),
     });
-    let admin = axum::serve(admin_listener, app).with_graceful_shutdown(shutdown_signal());
+    let admin = axum::serve(admin_listener, app).with_graceful_shutdown(stopped(shutdown.clone()));
 
     let (xds, admin) = tokio::join!(
         xds.instrument(tracing::info_span!("xds")),
         std::future::IntoFuture::into_future(admin).instrument(tracing::info_span!("admin"))
     );
+    // Let the election hand leadership over before the process ends.
+    for task in background {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+    }
     xds.context("xDS server failed")?;
     admin.context("admin endpoint failed")?;
     info!("stopped");
     Ok(())
+}
+
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 async fn shutdown_signal() {

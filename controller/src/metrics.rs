@@ -39,6 +39,8 @@ pub struct Metrics {
     pub translation_seconds: Histogram,
     pub objects: Family<ObjectLabels, Gauge>,
     pub proxies: Gauge,
+    pub source_up: Gauge,
+    pub source_errors: Counter,
 }
 
 impl Metrics {
@@ -54,6 +56,8 @@ impl Metrics {
             translation_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             objects: Family::default(),
             proxies: Gauge::default(),
+            source_up: Gauge::default(),
+            source_errors: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("vmesh");
         r.register("xds_streams", "Connected ADS streams", m.streams.clone());
@@ -92,6 +96,16 @@ impl Metrics {
             "proxies",
             "Proxies that some gateway applies to",
             m.proxies.clone(),
+        );
+        r.register(
+            "config_source_up",
+            "1 when the config source was read successfully last time, 0 while it fails",
+            m.source_up.clone(),
+        );
+        r.register(
+            "config_source_errors",
+            "Failed reads of the config source",
+            m.source_errors.clone(),
         );
         m
     }

@@ -158,6 +158,9 @@ pub struct ObjectStatus {
     pub version: String,
     pub serving_last_good: bool,
     pub serving_version: Option<String>,
+    /// The Consul ModifyIndex of the config value that was judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_modify_index: Option<u64>,
     pub proxies: ProxyCount,
 }
 
@@ -191,6 +194,7 @@ pub fn object_statuses(
                 version: report.version.clone(),
                 serving_last_good: report.serving_last_good,
                 serving_version: report.serving_version.clone(),
+                config_modify_index: published.revisions.get(&report.source).copied(),
                 proxies: counts.get(key).copied().unwrap_or_default(),
             };
             if let Some(nack) = nacks.get(key) {

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::document::{parse_multi, parse_single, Object, ObjectKey, Parsed};
+use crate::document::{parse_multi, parse_single, Document, Object, ObjectKey, Parsed};
 use crate::gateway::GatewaySpec;
 use crate::problem::{index, Problem};
 use crate::upstream::UpstreamSpec;
@@ -206,6 +206,85 @@ impl ConfigSet {
             Ok(documents) => build_entry(text_hash, mode, documents, old),
         };
         // Changed means what the source defines changed, not its bytes (comments, layout).
+        let changed = old.is_none_or(|o| !o.same_content(&entry));
+        self.sources.insert(source.to_string(), entry);
+        changed
+    }
+
+    /// Records the value of a source that is one object by its name, such as the Consul key
+    /// `vmesh/config/<Kind>/<name>`: whatever the value holds, it is reported under `key`.
+    /// A value that does not parse, or names another object, is `Rejected` on its own (and
+    /// the object keeps its last good version), rather than becoming a problem of no object.
+    pub fn upsert_keyed(&mut self, source: &str, key: &ObjectKey, text: &str) -> bool {
+        let text_hash = crate::content_hash(text.as_bytes());
+        let old = self.sources.get(source);
+        if old.is_some_and(|o| o.text_hash == text_hash && o.mode == SourceMode::SingleDoc) {
+            return false;
+        }
+        let rejected = |errors: Vec<Problem>| {
+            Parsed::Document(Document {
+                key: key.clone(),
+                version: text_hash.clone(),
+                result: Err(errors),
+            })
+        };
+        let document = match parse_single(text) {
+            Err(syntax_error) => rejected(vec![syntax_error]),
+            Ok(Parsed::Invalid(problems)) => rejected(problems),
+            Ok(Parsed::Document(doc)) if &doc.key != key => {
+                let path = if doc.key.kind != key.kind {
+                    "kind"
+                } else {
+                    "name"
+                };
+                rejected(vec![Problem::new(
+                    path,
+                    format!("the document is {} but its key says {key}", doc.key),
+                )])
+            }
+            Ok(parsed) => parsed,
+        };
+        let entry = build_entry(
+            text_hash.clone(),
+            SourceMode::SingleDoc,
+            vec![document],
+            old,
+        );
+        let changed = old.is_none_or(|o| !o.same_content(&entry));
+        self.sources.insert(source.to_string(), entry);
+        changed
+    }
+
+    /// Records that `source` holds nothing usable, for a reason found before parsing (a
+    /// value that is not text, or too large; a key that names no object). With `key`, the
+    /// object is `Rejected` and keeps its last good version; without, it is a source problem.
+    pub fn reject_source(
+        &mut self,
+        source: &str,
+        key: Option<&ObjectKey>,
+        problem: Problem,
+    ) -> bool {
+        let text_hash = crate::content_hash(problem.to_string().as_bytes());
+        let old = self.sources.get(source);
+        let entry = match key {
+            Some(key) => build_entry(
+                text_hash.clone(),
+                SourceMode::SingleDoc,
+                vec![Parsed::Document(Document {
+                    key: key.clone(),
+                    version: text_hash,
+                    result: Err(vec![problem]),
+                })],
+                old,
+            ),
+            None => SourceEntry {
+                text_hash,
+                mode: SourceMode::SingleDoc,
+                syntax_error: None,
+                docs: BTreeMap::new(),
+                problems: vec![problem],
+            },
+        };
         let changed = old.is_none_or(|o| !o.same_content(&entry));
         self.sources.insert(source.to_string(), entry);
         changed

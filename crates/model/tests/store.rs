@@ -330,3 +330,104 @@ proptest! {
         let _ = set.snapshot();
     }
 }
+
+mod keyed {
+    //! Sources that are one object by name (Consul keys `vmesh/config/<Kind>/<name>`).
+    use vmesh_model::{ConfigSet, ObjectKey, State};
+
+    const WEB: &str = "kind: Upstream\nname: web\nspec:\n  static:\n    hosts: [{address: 127.0.0.1, port: 8080}]\n";
+
+    #[test]
+    fn a_value_that_names_another_object_is_rejected_under_its_key() {
+        let mut set = ConfigSet::new();
+        let key = ObjectKey::upstream("shop");
+        assert!(set.upsert_keyed("vmesh/config/Upstream/shop", &key, WEB));
+        let c = set.snapshot();
+        let r = &c.reports[&key];
+        assert_eq!(r.state, State::Rejected);
+        assert_eq!(r.errors[0].path, "name");
+        assert!(
+            r.errors[0]
+                .message
+                .contains("Upstream/web but its key says Upstream/shop"),
+            "{r:?}"
+        );
+        assert!(c.upstreams.is_empty(), "nothing is served");
+        assert!(!c.reports.contains_key(&ObjectKey::upstream("web")));
+    }
+
+    #[test]
+    fn a_value_that_does_not_parse_is_rejected_and_keeps_the_last_good_version() {
+        let mut set = ConfigSet::new();
+        let key = ObjectKey::upstream("web");
+        set.upsert_keyed("vmesh/config/Upstream/web", &key, WEB);
+        assert!(set.upsert_keyed("vmesh/config/Upstream/web", &key, "kind: [unclosed"));
+        let c = set.snapshot();
+        let r = &c.reports[&key];
+        assert_eq!(r.state, State::Rejected);
+        assert!(r.serving_last_good);
+        assert!(c.upstreams.contains_key("web"));
+        assert!(r.errors[0].message.contains("line"), "{r:?}");
+
+        // Not even YAML, never valid: still reported under its key, not as a stray problem.
+        let other = ObjectKey::virtual_service("shop");
+        set.upsert_keyed(
+            "vmesh/config/VirtualService/shop",
+            &other,
+            "\u{1}\u{2}: : :",
+        );
+        let c = set.snapshot();
+        assert_eq!(c.reports[&other].state, State::Rejected);
+        assert!(c.source_errors.is_empty(), "{:?}", c.source_errors);
+    }
+
+    #[test]
+    fn the_same_value_twice_is_no_change() {
+        let mut set = ConfigSet::new();
+        let key = ObjectKey::upstream("web");
+        assert!(set.upsert_keyed("k", &key, WEB));
+        assert!(!set.upsert_keyed("k", &key, WEB));
+        assert!(set.remove_source("k"));
+        assert!(set.snapshot().reports.is_empty());
+    }
+}
+
+mod rejected_sources {
+    use vmesh_model::{ConfigSet, ObjectKey, Problem, State};
+
+    #[test]
+    fn a_source_rejected_before_parsing_keeps_the_last_good_version_of_its_object() {
+        let mut set = ConfigSet::new();
+        let key = ObjectKey::upstream("web");
+        set.upsert_keyed(
+            "k",
+            &key,
+            "kind: Upstream\nname: web\nspec:\n  static:\n    hosts: [{address: 127.0.0.1, port: 80}]\n",
+        );
+        assert!(set.reject_source(
+            "k",
+            Some(&key),
+            Problem::new("", "the value is not UTF-8 text")
+        ));
+        let c = set.snapshot();
+        assert_eq!(c.reports[&key].state, State::Rejected);
+        assert!(c.reports[&key].serving_last_good);
+        assert!(c.upstreams.contains_key("web"));
+    }
+
+    #[test]
+    fn a_source_that_names_no_object_is_a_source_problem() {
+        let mut set = ConfigSet::new();
+        set.reject_source(
+            "vmesh/config/readme",
+            None,
+            Problem::new("", "not <Kind>/<name>"),
+        );
+        let c = set.snapshot();
+        assert!(c.reports.is_empty());
+        assert_eq!(
+            c.source_errors["vmesh/config/readme"][0].message,
+            "not <Kind>/<name>"
+        );
+    }
+}

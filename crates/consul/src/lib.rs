@@ -1,0 +1,39 @@
+//! vmesh-consul: the Consul HTTP calls vmesh makes ([`Client`]), configured from the
+//! standard `CONSUL_*` variables ([`ConsulConfig`]), and the blocking-query watch as a
+//! pure state machine ([`KvWatch`]).
+
+mod client;
+mod config;
+pub mod watch;
+
+pub use client::{Client, Indexed, KvEntry, SessionRequest, WriteOptions};
+pub use config::{ConsulConfig, ConsulEnv};
+pub use watch::{KvWatch, Next, WatchConfig, WatchEvent};
+
+/// What went wrong talking to Consul. Messages never contain the ACL token.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("Consul configuration: {0}")]
+    Config(String),
+    #[error("cannot reach Consul at {0}")]
+    Transport(String),
+    #[error("Consul answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("unexpected answer from Consul: {0}")]
+    Decode(String),
+}
+
+impl ConsulError {
+    fn status(status: hyper::StatusCode, body: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(body);
+        ConsulError::Status {
+            status: status.as_u16(),
+            message: text.trim().chars().take(500).collect(),
+        }
+    }
+
+    /// 403: the token lacks a permission (the message names it).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, ConsulError::Status { status: 403, .. })
+    }
+}
