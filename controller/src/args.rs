@@ -43,15 +43,15 @@ pub struct Args {
     #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
     pub consul_token_file: Option<PathBuf>,
 
-    /// CA bundle for an https Consul (not supported yet: refused with a clear error).
+    /// CA bundle to verify an https Consul with (the system's roots without it).
     #[arg(long, env = "CONSUL_CACERT")]
     pub consul_cacert: Option<PathBuf>,
 
-    /// Client certificate for Consul (not supported yet).
+    /// Client certificate, for a Consul that verifies clients (with --consul-client-key).
     #[arg(long, env = "CONSUL_CLIENT_CERT")]
     pub consul_client_cert: Option<PathBuf>,
 
-    /// Client key for Consul (not supported yet).
+    /// Client private key, for a Consul that verifies clients.
     #[arg(long, env = "CONSUL_CLIENT_KEY")]
     pub consul_client_key: Option<PathBuf>,
 

@@ -17,6 +17,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub struct Controller {
     child: Child,
     extra: Vec<String>,
+    /// The temporary directory this controller owns (its log, its config directory).
+    base: PathBuf,
     pub dir: PathBuf,
     pub xds_port: u16,
     pub admin_port: u16,
@@ -44,14 +46,35 @@ impl Controller {
         for (name, text) in files {
             std::fs::write(dir.join(name), text).expect("write config");
         }
+        let mut args = vec!["--config-dir".to_string(), dir.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::launch(base, dir, args)
+    }
+
+    /// Starts a controller that reads its config from Consul KV at `consul_url`.
+    pub fn consul(consul_url: &str, extra: &[&str]) -> Controller {
+        let base = std::env::temp_dir().join(format!(
+            "vmesh-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("create temp dir");
+        let mut args = vec!["--consul-addr".to_string(), consul_url.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let dir = base.join("unused");
+        Self::launch(base, dir, args)
+    }
+
+    fn launch(base: PathBuf, dir: PathBuf, args: Vec<String>) -> Controller {
         let xds_port = free_port();
         let admin_port = free_port();
         let log = base.join("controller.log");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn(&dir, xds_port, admin_port, &log, &extra);
+        let child = spawn(xds_port, admin_port, &log, &args);
         let c = Controller {
             child,
-            extra,
+            extra: args,
+            base,
             dir,
             xds_port,
             admin_port,
@@ -59,6 +82,18 @@ impl Controller {
         };
         c.wait_ready();
         c
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks the controller to stop (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
     }
 
     fn wait_ready(&self) {
@@ -73,13 +108,7 @@ impl Controller {
     /// Stops the controller and starts a new process on the same ports and directory.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn(
-            &self.dir,
-            self.xds_port,
-            self.admin_port,
-            &self.log,
-            &self.extra,
-        );
+        self.child = spawn(self.xds_port, self.admin_port, &self.log, &self.extra);
         self.wait_ready();
     }
 
@@ -148,19 +177,17 @@ impl Controller {
     }
 }
 
-fn spawn(dir: &Path, xds_port: u16, admin_port: u16, log: &Path, extra: &[String]) -> Child {
+fn spawn(xds_port: u16, admin_port: u16, log: &Path, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("log file");
     Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-        .arg("--config-dir")
-        .arg(dir)
         .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
         .args(["--log", "info,vmesh_xds=debug"])
-        .args(extra)
+        .args(args)
         .stdout(log)
         .stderr(Stdio::inherit())
         .spawn()
@@ -177,8 +204,8 @@ impl Drop for Controller {
                 "--- controller log (last lines) ---\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
-        } else if let Some(base) = self.dir.parent() {
-            let _ = std::fs::remove_dir_all(base);
+        } else {
+            let _ = std::fs::remove_dir_all(&self.base);
         }
     }
 }

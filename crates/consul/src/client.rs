@@ -12,6 +12,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
@@ -81,7 +82,7 @@ pub struct SessionRequest {
 
 #[derive(Clone)]
 pub struct Client {
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     token: Option<String>,
     datacenter: Option<String>,
@@ -103,8 +104,14 @@ impl Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(config)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Ok(Client {
-            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            http: HyperClient::builder(TokioExecutor::new()).build(https),
             base: config.base_url()?,
             token: config.token.clone(),
             datacenter: config.datacenter.clone(),
@@ -322,6 +329,58 @@ impl Client {
         tokio::time::timeout(timeout, fut).await.map_err(|_| {
             ConsulError::Transport(format!("{}: no answer in {timeout:?}", self.base))
         })?
+    }
+}
+
+/// TLS for an https Consul: the CA from CONSUL_CACERT (the system's roots without it) and,
+/// when Consul verifies clients, the certificate and key from CONSUL_CLIENT_CERT/KEY.
+fn tls_config(config: &ConsulConfig) -> Result<rustls::ClientConfig, ConsulError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls_err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        ConsulError::Config(format!("{what} {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_cert {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| tls_err("CONSUL_CACERT", path, &e))?
+            {
+                let cert = cert.map_err(|e| tls_err("CONSUL_CACERT", path, &e))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| tls_err("CONSUL_CACERT", path, &e))?;
+            }
+            if roots.is_empty() {
+                return Err(tls_err("CONSUL_CACERT", path, &"no certificate in it"));
+            }
+        }
+        None => {
+            // The system's roots, for a Consul with a publicly trusted certificate.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConsulError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots);
+    match (&config.client_cert, &config.client_key) {
+        (Some(cert_path), Some(key_path)) => {
+            let certs = CertificateDer::pem_file_iter(cert_path)
+                .map_err(|e| tls_err("CONSUL_CLIENT_CERT", cert_path, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_err("CONSUL_CLIENT_CERT", cert_path, &e))?;
+            // The key's own parse errors could quote it: say only which file failed.
+            let key = PrivateKeyDer::from_pem_file(key_path)
+                .map_err(|_| tls_err("CONSUL_CLIENT_KEY", key_path, &"not a PEM private key"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| ConsulError::Config(format!("CONSUL_CLIENT_CERT/KEY: {e}")))
+        }
+        _ => Ok(builder.with_no_client_auth()),
     }
 }
 

@@ -92,21 +92,15 @@ impl ConsulConfig {
         } else {
             format!("http://{a}")
         };
-        if url.starts_with("https://") {
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.ends_with("://") {
             return Err(ConsulError::Config(format!(
-                "{url}: https is not supported yet; use http (e.g. a local Consul agent)"
-            )));
-        }
-        if !url.starts_with("http://") || url.len() <= "http://".len() {
-            return Err(ConsulError::Config(format!(
-                "CONSUL_HTTP_ADDR {:?} is not an http address",
+                "CONSUL_HTTP_ADDR {:?} is not an http(s) address",
                 self.address
             )));
         }
-        if self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some() {
+        if self.client_cert.is_some() != self.client_key.is_some() {
             return Err(ConsulError::Config(
-                "CONSUL_CACERT / CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY: TLS to Consul is not supported yet"
-                    .to_string(),
+                "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY go together: set both or neither".into(),
             ));
         }
         Ok(url)
@@ -158,12 +152,19 @@ mod tests {
     }
 
     #[test]
-    fn tls_settings_are_refused_until_supported() {
+    fn a_client_certificate_needs_its_key() {
         let e = ConsulConfig::from_env(ConsulEnv {
             http_addr: Some("https://consul:8501".into()),
+            client_cert: Some("/etc/consul/client.pem".into()),
             ..Default::default()
         })
         .unwrap_err();
-        assert!(e.to_string().contains("https is not supported yet"), "{e}");
+        assert!(e.to_string().contains("set both or neither"), "{e}");
+        let e = ConsulConfig::from_env(ConsulEnv {
+            http_addr: Some("ftp://consul".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("not an http(s) address"), "{e}");
     }
 }
