@@ -11,8 +11,9 @@
 //! - a wake-up is not a change: entries are compared by `ModifyIndex` and only
 //!   changed keys come out; a wake-up with nothing changed waits a little before the
 //!   next read, so a flapping index cannot turn the loop hot;
-//! - errors back off exponentially with jitter; the first success after errors
-//!   yields only what really changed meanwhile, so nothing is pushed again.
+//! - errors back off exponentially with jitter; the read after an error does not
+//!   block, so a Consul that is back is seen at once, and it yields only what really
+//!   changed meanwhile, so nothing is pushed again.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -87,7 +88,7 @@ impl KvWatch {
 
     pub fn next(&self) -> Next {
         Next {
-            index: (self.index > 0).then_some(self.index),
+            index: (self.index > 0 && self.failures == 0).then_some(self.index),
             delay: self.delay,
         }
     }
@@ -285,7 +286,7 @@ mod tests {
             cfg.backoff_max / 2,
             "jitter takes up to half off"
         );
-        assert_eq!(w.next().index, Some(7), "still blocks on the last index");
+        assert_eq!(w.next().index, None, "the retry answers at once, so recovery shows");
 
         // Consul is back with the same content: nothing comes out.
         let ev = w.on_response(answer(7, vec![entry("p/a", 5, "1")]));
