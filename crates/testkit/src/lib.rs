@@ -7,16 +7,21 @@
 //! - [`request`] / [`http_get`] / [`HttpClient`]: a small blocking HTTP client that neither follows
 //!   redirects nor treats 4xx/5xx as errors.
 //! - [`eventually`] / [`assert_eventually!`]: polling instead of sleeping; [`free_port`].
+//! - [`consul::ConsulEmulator`]: an in-process Consul HTTP API emulator (KV, blocking queries,
+//!   sessions, ACLs) with knobs for outages, index resets and request counting (also the
+//!   `vmesh-consul-emulator` binary); see `docs/testing-consul.md`.
 //!
 //! Tests that need Envoy fail (never skip) when it is missing; install it with
 //! `scripts/setup-envoy`.
 
+pub mod consul;
 mod echo;
 mod envoy;
 mod http;
 mod poll;
 mod ports;
 
+pub use consul::{ConsulEmulator, ConsulOptions};
 pub use echo::{echo_router, EchoServer, ECHO_STATUS_HEADER, SERVED_BY_HEADER};
 pub use envoy::{envoy_binary, require_envoy, workspace_root, Envoy, EnvoyOptions, INSTALL_HINT};
 pub use http::{http_get, request, HttpClient, Response};

@@ -1,0 +1,384 @@
+//! A Consul HTTP API emulator for tests: the KV store (blocking queries, CAS, locks), sessions
+//! (TTL, lock-delay, release/delete behaviour) and optional ACLs, following Consul's documented
+//! semantics. See `docs/testing-consul.md` for what it does and does not implement; the
+//! conformance tests in `tests/consul_conformance.rs` run the same checks against it and, with
+//! `CONSUL_HTTP_ADDR` set, against a real Consul.
+//!
+//! ```
+//! use vmesh_testkit::consul::ConsulEmulator;
+//! let consul = ConsulEmulator::start();
+//! consul.kv_put("vmesh/config/Route/a", "hello");
+//! let resp = vmesh_testkit::http_get(&format!("{}/v1/kv/vmesh/config/Route/a?raw", consul.url()), &[])
+//!     .expect("get");
+//! assert_eq!(resp.body, "hello");
+//! ```
+
+mod acl;
+mod http;
+mod store;
+mod util;
+
+use std::future::IntoFuture;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+pub use acl::{AclConfig, AclRules, AclToken, KeyPolicy, ANONYMOUS_ACCESSOR_ID};
+pub use store::{KvEntry, SessionBehavior};
+pub use util::{format_go_duration, new_uuid, parse_go_duration};
+
+use store::Store;
+
+/// Consul's default `kv_max_value_size` (512 KiB).
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 512 * 1024;
+
+/// Configuration of a [`ConsulEmulator`].
+#[derive(Debug, Clone)]
+pub struct ConsulOptions {
+    /// The datacenter this server is in; `?dc=` naming another gets 500 `No path to datacenter`.
+    /// Default `dc1`.
+    pub datacenter: String,
+    /// The one node sessions can be created on (the "agent's" node). Default
+    /// `vmesh-consul-emulator`.
+    pub node_name: String,
+    /// ACLs (default policy deny) when set; off when `None` (the default).
+    pub acl: Option<AclConfig>,
+    /// Consul's `session_ttl_min` server option: shorter session TTLs are rejected. Default 10 s.
+    pub session_ttl_min: Duration,
+    /// Consul's `kv_max_value_size`: larger PUT bodies get 413. Default 512 KiB.
+    pub max_value_size: usize,
+    /// Where to listen; `None` (the default) means `127.0.0.1:<free port>`.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for ConsulOptions {
+    fn default() -> Self {
+        ConsulOptions {
+            datacenter: "dc1".into(),
+            node_name: "vmesh-consul-emulator".into(),
+            acl: None,
+            session_ttl_min: Duration::from_secs(10),
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            listen: None,
+        }
+    }
+}
+
+/// State shared by the HTTP handlers, the session reaper and the direct helpers.
+pub(crate) struct Shared {
+    opts: ConsulOptions,
+    store: Mutex<Store>,
+    /// Carries the raft index; every applied write sends, waking blocking queries.
+    changed: watch::Sender<u64>,
+    /// Wakes the session reaper when sessions (or their timers) change.
+    sessions_changed: Notify,
+    failing: AtomicBool,
+    requests: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a mutation and wakes blocking queries if it applied anything.
+    fn write<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        let mut st = self.lock();
+        let before = st.raft_index;
+        let out = f(&mut st);
+        if st.raft_index != before {
+            self.changed.send_replace(st.raft_index);
+        }
+        out
+    }
+}
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// An in-process Consul HTTP API on 127.0.0.1, served from its own thread and tokio runtime (so
+/// synchronous tests can use it). The data lives outside the server: [`ConsulEmulator::stop`] and
+/// [`ConsulEmulator::restart`] take the listener down and up on the same port with the same data.
+/// Stops on drop.
+pub struct ConsulEmulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    running: Mutex<Option<Running>>,
+}
+
+impl std::fmt::Debug for ConsulEmulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulEmulator")
+            .field("addr", &self.addr)
+            .field("datacenter", &self.shared.opts.datacenter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsulEmulator {
+    /// Starts an emulator with default [`ConsulOptions`] on a free port of 127.0.0.1. It accepts
+    /// connections as soon as this returns.
+    pub fn start() -> ConsulEmulator {
+        Self::start_with(ConsulOptions::default())
+    }
+
+    /// Starts an emulator with these options. Panics if it cannot listen.
+    pub fn start_with(opts: ConsulOptions) -> ConsulEmulator {
+        let bind = opts
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener =
+            TcpListener::bind(bind).unwrap_or_else(|e| panic!("consul emulator: bind {bind}: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("consul emulator: local_addr: {e}"));
+        let (changed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            opts,
+            store: Mutex::new(Store::default()),
+            changed,
+            sessions_changed: Notify::new(),
+            failing: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+        });
+        let emu = ConsulEmulator {
+            shared,
+            addr,
+            running: Mutex::new(None),
+        };
+        emu.serve(listener);
+        emu
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("consul emulator: set_nonblocking: {e}"));
+        let shared = self.shared.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let name = format!("consul-emulator-{}", self.addr.port());
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => panic!("{name}: tokio runtime: {e}"),
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => panic!("{name}: listener: {e}"),
+                    };
+                    // A new leader restarts every session's TTL timer.
+                    shared.lock().reset_session_timers(Some(Instant::now()));
+                    tokio::spawn(session_reaper(shared.clone()));
+                    let app = router(shared);
+                    tokio::select! {
+                        res = axum::serve(listener, app).into_future() => {
+                            if let Err(e) = res {
+                                eprintln!("{name}: server failed: {e}");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime cancels every connection (and blocking query) task.
+                drop(rt);
+            })
+            .unwrap_or_else(|e| panic!("consul emulator: spawn thread: {e}"));
+        *self.running_guard() = Some(Running {
+            stop: stop_tx,
+            thread,
+        });
+    }
+
+    fn running_guard(&self) -> MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `http://127.0.0.1:<port>` (what `CONSUL_HTTP_ADDR` would be).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn options(&self) -> &ConsulOptions {
+        &self.shared.opts
+    }
+
+    /// Whether it is listening (not [`ConsulEmulator::stop`]ped).
+    pub fn is_running(&self) -> bool {
+        self.running_guard().is_some()
+    }
+
+    /// Stops listening and drops every open connection (clients then get "connection refused"),
+    /// like a Consul that went down. Data is kept; session TTL timers pause. No-op if stopped.
+    pub fn stop(&self) {
+        let running = self.running_guard().take();
+        if let Some(r) = running {
+            let _ = r.stop.send(());
+            let _ = r.thread.join();
+            self.shared.lock().reset_session_timers(None);
+        }
+    }
+
+    /// Listens again on the same port with the same data (stopping first if running). Session
+    /// TTLs restart from now, as after a Consul leader election. Panics if the port was taken
+    /// meanwhile.
+    pub fn restart(&self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("consul emulator: re-bind {}: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    /// While `true`, every request gets 500 `No cluster leader` (no leader elected).
+    pub fn set_failing(&self, failing: bool) {
+        self.shared.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Simulates a snapshot restore that takes the raft index back to `n`: the data stays, every
+    /// index above `n` (entries, tombstones, sessions, tables) becomes `n`, the next write gets
+    /// `n + 1`. Blocking queries re-evaluate; one waiting on a higher index keeps waiting until
+    /// its wait ends and then returns the lower index (as Consul does).
+    pub fn restore_index_to(&self, n: u64) {
+        let mut st = self.shared.lock();
+        st.restore_index_to(n);
+        self.shared.changed.send_replace(st.raft_index);
+    }
+
+    /// How many HTTP requests it has received (including failed ones).
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// The current raft index (the last applied write).
+    pub fn index(&self) -> u64 {
+        self.shared.lock().raft_index
+    }
+
+    /// Writes a key as a plain `PUT /v1/kv/<key>` would (flags 0, keeps a lock holder) and
+    /// returns its ModifyIndex. Wakes blocking queries.
+    pub fn kv_put(&self, key: &str, value: impl AsRef<[u8]>) -> u64 {
+        self.shared.write(|st| {
+            st.set(key, value.as_ref().to_vec(), 0);
+            st.kv.get(key).map_or(0, |e| e.modify_index)
+        })
+    }
+
+    /// The value of a key (`GET /v1/kv/<key>?raw`), `None` if it does not exist.
+    pub fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.shared.lock().kv.get(key).map(|e| e.value.clone())
+    }
+
+    /// The whole entry of a key (indexes, flags, lock holder), as `GET /v1/kv/<key>` describes it.
+    pub fn kv_entry(&self, key: &str) -> Option<KvEntry> {
+        self.shared.lock().kv.get(key).cloned()
+    }
+
+    /// Every entry under a prefix, in key order.
+    pub fn kv_list(&self, prefix: &str) -> Vec<KvEntry> {
+        self.shared
+            .lock()
+            .list(prefix)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Deletes a key as `DELETE /v1/kv/<key>` would (leaving a tombstone); returns whether it
+    /// existed. Wakes blocking queries.
+    pub fn kv_delete(&self, key: &str) -> bool {
+        self.shared.write(|st| st.delete(key))
+    }
+
+    /// IDs of the live sessions.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.shared.lock().sessions.keys().cloned().collect()
+    }
+}
+
+impl Drop for ConsulEmulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn router(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .fallback(http::handle)
+        .with_state(shared)
+}
+
+/// Invalidates sessions whose TTL ran out: sleeps until the next expiry or until sessions change.
+async fn session_reaper(shared: Arc<Shared>) {
+    loop {
+        let next = {
+            let mut st = shared.lock();
+            let before = st.raft_index;
+            st.expire_sessions(Instant::now());
+            if st.raft_index != before {
+                shared.changed.send_replace(st.raft_index);
+            }
+            st.next_session_expiry()
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = shared.sessions_changed.notified() => {}
+                }
+            }
+            None => shared.sessions_changed.notified().await,
+        }
+    }
+}
+
+/// Serves the emulator's API on an already bound tokio listener until `shutdown` resolves (for
+/// the standalone binary). Session TTLs are enforced while it runs.
+pub async fn serve_standalone(
+    opts: ConsulOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (changed, _) = watch::channel(0);
+    let shared = Arc::new(Shared {
+        opts,
+        store: Mutex::new(Store::default()),
+        changed,
+        sessions_changed: Notify::new(),
+        failing: AtomicBool::new(false),
+        requests: AtomicU64::new(0),
+    });
+    let reaper = tokio::spawn(session_reaper(shared.clone()));
+    let res = axum::serve(listener, router(shared))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    reaper.abort();
+    res
+}
