@@ -286,7 +286,11 @@ mod tests {
             cfg.backoff_max / 2,
             "jitter takes up to half off"
         );
-        assert_eq!(w.next().index, None, "the retry answers at once, so recovery shows");
+        assert_eq!(
+            w.next().index,
+            None,
+            "the retry answers at once, so recovery shows"
+        );
 
         // Consul is back with the same content: nothing comes out.
         let ev = w.on_response(answer(7, vec![entry("p/a", 5, "1")]));

@@ -1,0 +1,267 @@
+//! End to end with Consul KV as the config source: the test kit's Consul emulator,
+//! controllers reading it, a real Envoy they configure, and echo upstreams.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use vmesh_testkit::consul::{ConsulEmulator, ConsulOptions};
+use vmesh_testkit::{eventually, free_port, http_get, EchoServer};
+use vmeshctl::bootstrap::Protocol;
+
+const PROXY: &str = "gateway-proxy";
+
+fn vs_to(upstream: &str) -> String {
+    format!("kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: {upstream}\n")
+}
+
+struct Setup {
+    consul: ConsulEmulator,
+    v1: EchoServer,
+    v2: EchoServer,
+    port: u16,
+}
+
+/// An emulated Consul holding a gateway, two upstreams and a virtual service to v1.
+fn setup() -> Setup {
+    let consul = ConsulEmulator::start_with(ConsulOptions {
+        session_ttl_min: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let s = Setup {
+        consul,
+        v1: EchoServer::start("v1"),
+        v2: EchoServer::start("v2"),
+        port: free_port(),
+    };
+    put(&s.consul, "Gateway/edge", &gateway_doc(s.port, PROXY));
+    put(&s.consul, "Upstream/v1", &upstream_doc("v1", s.v1.port()));
+    put(&s.consul, "Upstream/v2", &upstream_doc("v2", s.v2.port()));
+    put(&s.consul, "VirtualService/web", &vs_to("v1"));
+    s
+}
+
+/// `consul kv put vmesh/config/<what> <text>`
+fn put(consul: &ConsulEmulator, what: &str, text: &str) {
+    consul.kv_put(&format!("vmesh/config/{what}"), text.as_bytes());
+}
+
+/// The status the leader wrote to `vmesh/status/<what>`.
+fn kv_status(consul: &ConsulEmulator, what: &str) -> Option<Value> {
+    consul
+        .kv_get(&format!("vmesh/status/{what}"))
+        .map(|bytes| serde_json::from_slice(&bytes).expect("status is JSON"))
+}
+
+#[track_caller]
+fn wait_status(consul: &ConsulEmulator, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(DEADLINE, &format!("the status of {what}"), || {
+        let s = kv_status(consul, what).ok_or("no status key")?;
+        if check(&s) {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+}
+
+#[test]
+fn kv_puts_route_traffic_and_status_is_written_back() {
+    let s = setup();
+    let c = Controller::consul(&s.consul.url(), &[]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    wait_served_by(s.port, "/", &[], "v1");
+
+    // consul kv put → traffic changes.
+    put(&s.consul, "VirtualService/web", &vs_to("v2"));
+    wait_served_by(s.port, "/", &[], "v2");
+    let st = wait_status(&s.consul, "VirtualService/web", |st| {
+        st["state"] == "Accepted" && st["proxies"]["acked"] == 1
+    });
+    assert_eq!(st["proxies"]["total"], 1, "{st}");
+    assert_eq!(st["source"], "vmesh/config/VirtualService/web");
+    assert!(st["configModifyIndex"].as_u64().unwrap() > 0, "{st}");
+    // The user's own key is never touched.
+    assert_eq!(
+        s.consul.kv_get("vmesh/config/VirtualService/web").unwrap(),
+        vs_to("v2").into_bytes()
+    );
+
+    // An invalid value: Rejected with the field at fault; traffic stays.
+    put(
+        &s.consul,
+        "VirtualService/web",
+        "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - match: {regex: \"/(\"}\n      upstream: v1\n",
+    );
+    let st = wait_status(&s.consul, "VirtualService/web", |st| {
+        st["state"] == "Rejected"
+    });
+    assert_eq!(
+        st["errors"][0]["path"], "spec.routes[0].match.regex",
+        "{st}"
+    );
+    assert_eq!(st["servingLastGood"], true);
+    for _ in 0..10 {
+        assert_eq!(served_by(&get(s.port, "/", &[]).unwrap()), "v2");
+    }
+
+    // A value whose document names another object is rejected on its own.
+    put(
+        &s.consul,
+        "Upstream/v3",
+        &upstream_doc("not-v3", s.v1.port()),
+    );
+    let st = wait_status(&s.consul, "Upstream/v3", |st| st["state"] == "Rejected");
+    assert!(
+        st["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("its key says Upstream/v3"),
+        "{st}"
+    );
+
+    // Deleting the key removes the routes and the status.
+    s.consul.kv_delete("vmesh/config/VirtualService/web");
+    eventually(DEADLINE, "routes to be removed", || {
+        let r = get(s.port, "/", &[])?;
+        (r.status == 404)
+            .then_some(())
+            .ok_or(format!("status {}", r.status))
+    });
+    eventually(DEADLINE, "the status key to be removed", || {
+        kv_status(&s.consul, "VirtualService/web").map_or(Ok(()), |st| Err(st.to_string()))
+    });
+}
+
+#[test]
+fn consul_down_for_a_while_changes_nothing_and_recovery_resends_nothing() {
+    let s = setup();
+    let c = Controller::consul(&s.consul.url(), &[]);
+    let envoy = c.envoy(PROXY, Protocol::Sotw);
+    wait_served_by(s.port, "/", &[], "v1");
+    wait_status(&s.consul, "VirtualService/web", |st| {
+        st["proxies"]["acked"] == 1
+    });
+    let pushes = || http_get(&c.admin("/metrics"), &[]).unwrap().body;
+    let updates = || {
+        envoy
+            .stat("cluster_manager.cds.update_success")
+            .unwrap_or(0)
+            + envoy
+                .stats_matching("rds.*update_success")
+                .values()
+                .sum::<u64>()
+    };
+    let before = updates();
+
+    s.consul.stop();
+    eventually(DEADLINE, "readiness to say degraded", || {
+        let r = http_get(&c.admin("/readyz"), &[])?;
+        (r.status == 200 && r.body.contains("degraded"))
+            .then_some(())
+            .ok_or(r.body)
+    });
+    assert!(pushes().contains("vmesh_config_source_up 0"));
+    for _ in 0..10 {
+        assert_eq!(
+            served_by(&get(s.port, "/", &[]).unwrap()),
+            "v1",
+            "traffic unaffected"
+        );
+    }
+
+    s.consul.restart();
+    eventually(DEADLINE, "the source to recover", || {
+        let r = http_get(&c.admin("/readyz"), &[])?;
+        (!r.body.contains("degraded")).then_some(()).ok_or(r.body)
+    });
+    assert!(pushes().contains("vmesh_config_source_up 1"));
+    assert_eq!(
+        updates(),
+        before,
+        "nothing was pushed again after the recovery"
+    );
+
+    // And it still follows changes.
+    put(&s.consul, "VirtualService/web", &vs_to("v2"));
+    wait_served_by(s.port, "/", &[], "v2");
+}
+
+/// The id a controller holding the leader lock wrote into it.
+fn leader_id(consul: &ConsulEmulator) -> Option<String> {
+    consul
+        .kv_get("vmesh/leader")
+        .map(|v| String::from_utf8_lossy(&v).to_string())
+}
+
+#[test]
+fn two_replicas_elect_one_status_writer_and_fail_over() {
+    let s = setup();
+    let fast = ["--leader-ttl", "2s", "--leader-lock-delay", "200ms"];
+    let mut a = Controller::consul(
+        &s.consul.url(),
+        &[&["--id", "replica-a"][..], &fast].concat(),
+    );
+    let mut b = Controller::consul(
+        &s.consul.url(),
+        &[&["--id", "replica-b"][..], &fast].concat(),
+    );
+    let _envoy = a.envoy(PROXY, Protocol::Delta);
+    wait_served_by(s.port, "/", &[], "v1");
+
+    let first = eventually(DEADLINE, "a leader", || {
+        leader_id(&s.consul).ok_or("none".to_string())
+    });
+    assert!(first == "replica-a" || first == "replica-b", "{first}");
+    let leader_logs = |c: &Controller| c.log().matches("became the leader").count();
+    eventually(DEADLINE, "exactly one replica to lead", || {
+        let n = leader_logs(&a) + leader_logs(&b);
+        (n == 1).then_some(()).ok_or(format!("{n} leaders"))
+    });
+    wait_status(&s.consul, "VirtualService/web", |st| {
+        st["state"] == "Accepted"
+    });
+
+    // The leader is killed outright: its session expires and the other takes over.
+    let (survivor, survivor_id) = if first == "replica-a" {
+        a.kill();
+        (&b, "replica-b")
+    } else {
+        b.kill();
+        (&a, "replica-a")
+    };
+    eventually(DEADLINE, "the other replica to take over", || {
+        (leader_id(&s.consul).as_deref() == Some(survivor_id) && leader_logs(survivor) == 1)
+            .then_some(())
+            .ok_or(format!("leader {:?}", leader_id(&s.consul)))
+    });
+    // The new leader writes status: a new rejection shows up.
+    put(
+        &s.consul,
+        "Upstream/bad",
+        "kind: Upstream\nname: bad\nspec: {}\n",
+    );
+    wait_status(&s.consul, "Upstream/bad", |st| st["state"] == "Rejected");
+
+    // A clean stop hands over at once (no TTL to wait for).
+    let mut c = Controller::consul(
+        &s.consul.url(),
+        &[&["--id", "replica-c"][..], &fast].concat(),
+    );
+    if survivor_id == "replica-a" {
+        a.terminate();
+    } else {
+        b.terminate();
+    }
+    eventually(Duration::from_secs(5), "replica-c to take over", || {
+        (leader_id(&s.consul).as_deref() == Some("replica-c"))
+            .then_some(())
+            .ok_or(format!("leader {:?}", leader_id(&s.consul)))
+    });
+    assert!(c.log().contains("became the leader"));
+    c.kill();
+}
