@@ -21,7 +21,7 @@ use vmesh_xds::server::Connections;
 
 use crate::index::PublishedRx;
 use crate::source::SourceHealth;
-use crate::status::{object_statuses, NackLog};
+use crate::status::{local_acks, object_statuses, NackLog};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -95,7 +95,8 @@ async fn status(State(s): State<AdminState>) -> Response {
         return not_ready();
     };
     let connections = s.connections.list();
-    let objects = object_statuses(&published, &connections, &s.nacks);
+    let acks = local_acks(&published, &connections);
+    let objects = object_statuses(&published, &acks, &s.nacks);
     let proxies: Vec<Value> = published
         .translation
         .proxies
@@ -131,7 +132,8 @@ async fn status_one(
         return not_ready();
     };
     let connections = s.connections.list();
-    match object_statuses(&published, &connections, &s.nacks)
+    let acks = local_acks(&published, &connections);
+    match object_statuses(&published, &acks, &s.nacks)
         .into_iter()
         .find(|o| o.kind == kind && o.name == name)
     {

@@ -1,12 +1,13 @@
 //! Leader election between controller replicas, through a Consul session and a lock
 //! on `<prefix>/leader`. Every replica serves proxies; only the leader writes status.
 //!
-//! A replica creates a session (TTL, `release` behaviour, a short lock delay), tries
+//! A replica creates a session (TTL, `delete` behaviour, a short lock delay), tries
 //! to take the lock, and renews the session at a third of its TTL. A follower
 //! watches the lock key and tries again as soon as it is free. Leadership is given
 //! up when the session cannot be renewed within its TTL (Consul will have
 //! invalidated it by then), and handed over cleanly on shutdown by destroying the
-//! session, which releases the lock at once.
+//! session, which releases the lock at once. With the `delete` behaviour, the keys a
+//! session holds (the lock, the replica's report of its proxies) go when it ends.
 
 use std::time::{Duration, Instant};
 
@@ -25,14 +26,20 @@ pub struct Election {
 }
 
 impl Election {
-    /// Runs until `shutdown` turns true; `leader` says whether this replica leads.
-    pub async fn run(self, leader: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true; `leader` says whether this replica leads, and
+    /// `session` which Consul session it holds.
+    pub async fn run(
+        self,
+        leader: watch::Sender<bool>,
+        session_out: watch::Sender<Option<String>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut backoff = Duration::from_millis(200);
         loop {
             let request = SessionRequest {
                 name: format!("vmesh-controller {}", self.id),
                 ttl: format!("{}s", self.ttl.as_secs().max(1)),
-                behavior: "release".into(),
+                behavior: "delete".into(),
                 lock_delay: format!("{}ms", self.lock_delay.as_millis()),
             };
             let session = match self.client.session_create(&request).await {
@@ -48,7 +55,10 @@ impl Election {
                 }
             };
             backoff = Duration::from_millis(200);
-            if self.hold(&session, &leader, &mut shutdown).await {
+            session_out.send_replace(Some(session.clone()));
+            let stopping = self.hold(&session, &leader, &mut shutdown).await;
+            session_out.send_replace(None);
+            if stopping {
                 let _ = self.client.session_destroy(&session).await;
                 set(&leader, false, &self.id);
                 info!("leadership handed over");

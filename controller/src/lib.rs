@@ -98,6 +98,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
             // Replicas elect a leader; only it writes status.
             let (leader_tx, leader) = watch::channel(false);
+            let (session_tx, session) = watch::channel(None);
             let election = leader::Election {
                 client: client.clone(),
                 key: format!("{prefix}/leader"),
@@ -107,12 +108,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             };
             background.push(tokio::spawn(
                 election
-                    .run(leader_tx, shutdown.clone())
+                    .run(leader_tx, session_tx, shutdown.clone())
                     .instrument(tracing::info_span!("election")),
             ));
             let writer = status_kv::StatusWriter {
                 client,
-                prefix: format!("{prefix}/status/"),
+                prefix: prefix.clone(),
+                id: args.id.clone(),
+                session,
                 leader,
                 published: published.clone(),
                 connections: connections.clone(),

@@ -172,13 +172,77 @@ pub struct ProxyCount {
     pub acked: usize,
 }
 
+/// Per proxy, the objects whose current resources it holds, each with the version of the
+/// object they were translated from. Replicas compute it for the proxies connected to
+/// them; the leader merges every replica's into the status it writes.
+pub type Acks = BTreeMap<String, BTreeMap<ObjectKey, String>>;
+
+/// The version of an object that is being served (its last good one when rejected).
+fn served_version(published: &Published, key: &ObjectKey) -> Option<String> {
+    let report = published.translation.reports.get(key)?;
+    Some(
+        report
+            .serving_version
+            .clone()
+            .unwrap_or_else(|| report.version.clone()),
+    )
+}
+
+/// What the proxies connected to this replica hold.
+pub fn local_acks(published: &Published, connections: &[Connection]) -> Acks {
+    let mut acks = Acks::new();
+    for (proxy, output) in &published.translation.proxies {
+        let streams: Vec<&Connection> = connections.iter().filter(|c| &c.node == proxy).collect();
+        if streams.is_empty() {
+            continue;
+        }
+        let mut affected: BTreeSet<&ObjectKey> = BTreeSet::new();
+        let mut behind: BTreeSet<&ObjectKey> = BTreeSet::new();
+        for ((type_url, name), objects) in &output.origins {
+            affected.extend(objects.iter());
+            let want = output
+                .snapshot
+                .get(type_url, name)
+                .map(|r| r.version.as_str());
+            let key = (type_url.to_string(), name.clone());
+            let held = streams
+                .iter()
+                .any(|c| c.acked.get(&key).map(String::as_str) == want);
+            if !held {
+                behind.extend(objects.iter());
+            }
+        }
+        let held: BTreeMap<ObjectKey, String> = affected
+            .into_iter()
+            .filter(|k| !behind.contains(k))
+            .filter_map(|k| Some((k.clone(), served_version(published, k)?)))
+            .collect();
+        acks.insert(proxy.clone(), held);
+    }
+    acks
+}
+
+/// Adds what `other` says proxies hold.
+pub fn merge_acks(into: &mut Acks, other: Acks) {
+    for (proxy, objects) in other {
+        into.entry(proxy).or_default().extend(objects);
+    }
+}
+
 /// Every object's status, sorted by kind and name.
-pub fn object_statuses(
-    published: &Published,
-    connections: &[Connection],
-    nacks: &NackLog,
-) -> Vec<ObjectStatus> {
-    let counts = proxy_counts(published, connections);
+pub fn object_statuses(published: &Published, acks: &Acks, nacks: &NackLog) -> Vec<ObjectStatus> {
+    let mut counts: BTreeMap<&ObjectKey, ProxyCount> = BTreeMap::new();
+    for (proxy, output) in &published.translation.proxies {
+        let affected: BTreeSet<&ObjectKey> = output.origins.values().flatten().collect();
+        for key in affected {
+            let c = counts.entry(key).or_default();
+            c.total += 1;
+            let held = acks.get(proxy).and_then(|m| m.get(key));
+            if held.is_some() && held.cloned() == served_version(published, key) {
+                c.acked += 1;
+            }
+        }
+    }
     published
         .translation
         .reports
@@ -212,38 +276,4 @@ pub fn object_statuses(
             status
         })
         .collect()
-}
-
-fn proxy_counts(
-    published: &Published,
-    connections: &[Connection],
-) -> BTreeMap<ObjectKey, ProxyCount> {
-    let mut counts: BTreeMap<ObjectKey, ProxyCount> = BTreeMap::new();
-    for (proxy, output) in &published.translation.proxies {
-        let streams: Vec<&Connection> = connections.iter().filter(|c| &c.node == proxy).collect();
-        let mut affected: BTreeSet<&ObjectKey> = BTreeSet::new();
-        let mut behind: BTreeSet<&ObjectKey> = BTreeSet::new();
-        for ((type_url, name), objects) in &output.origins {
-            affected.extend(objects.iter());
-            let want = output
-                .snapshot
-                .get(type_url, name)
-                .map(|r| r.version.as_str());
-            let key = (type_url.to_string(), name.clone());
-            let held = streams
-                .iter()
-                .any(|c| c.acked.get(&key).map(String::as_str) == want);
-            if !held {
-                behind.extend(objects.iter());
-            }
-        }
-        for key in affected {
-            let c = counts.entry(key.clone()).or_default();
-            c.total += 1;
-            if !behind.contains(key) {
-                c.acked += 1;
-            }
-        }
-    }
-    counts
 }

@@ -265,3 +265,60 @@ fn two_replicas_elect_one_status_writer_and_fail_over() {
     assert!(c.log().contains("became the leader"));
     c.kill();
 }
+
+/// Proxies connect to different replicas; the status the leader writes counts the
+/// proxies of every replica, and forgets a replica that is gone.
+#[test]
+fn status_counts_the_proxies_of_every_replica() {
+    let s = setup();
+    let (p1, p2) = (free_port(), free_port());
+    put(&s.consul, "Gateway/edge", &gateway_doc(p1, "edge-1"));
+    put(
+        &s.consul,
+        "Gateway/edge-2",
+        &gateway_doc(p2, "edge-2").replace("name: edge\n", "name: edge-2\n"),
+    );
+    let fast = ["--leader-ttl", "2s", "--leader-lock-delay", "200ms"];
+    let a = Controller::consul(
+        &s.consul.url(),
+        &[&["--id", "replica-a"][..], &fast].concat(),
+    );
+    let mut b = Controller::consul(
+        &s.consul.url(),
+        &[&["--id", "replica-b"][..], &fast].concat(),
+    );
+    let _e1 = a.envoy("edge-1", Protocol::Delta);
+    let _e2 = b.envoy("edge-2", Protocol::Sotw);
+    wait_served_by(p1, "/", &[], "v1");
+    wait_served_by(p2, "/", &[], "v1");
+    eventually(DEADLINE, "a leader", || {
+        leader_id(&s.consul).ok_or("none".to_string())
+    });
+
+    let st = wait_status(&s.consul, "VirtualService/web", |st| {
+        st["proxies"]["total"] == 2 && st["proxies"]["acked"] == 2
+    });
+    assert_eq!(st["state"], "Accepted");
+
+    // A change: both proxies take it, each from its own replica.
+    put(&s.consul, "VirtualService/web", &vs_to("v2"));
+    wait_served_by(p1, "/", &[], "v2");
+    wait_served_by(p2, "/", &[], "v2");
+    wait_status(&s.consul, "VirtualService/web", |st| {
+        st["proxies"]["acked"] == 2 && st["version"] == st["servingVersion"]
+    });
+
+    // Replica b dies (its Envoy keeps running, now without a control plane): once its
+    // session is gone, so is its report, and only replica a's proxy counts.
+    b.kill();
+    if leader_id(&s.consul).as_deref() == Some("replica-b") {
+        eventually(DEADLINE, "replica a to lead", || {
+            (leader_id(&s.consul).as_deref() == Some("replica-a"))
+                .then_some(())
+                .ok_or(format!("{:?}", leader_id(&s.consul)))
+        });
+    }
+    wait_status(&s.consul, "VirtualService/web", |st| {
+        st["proxies"]["total"] == 2 && st["proxies"]["acked"] == 1
+    });
+}
