@@ -49,11 +49,14 @@ pub fn router(state: AdminState) -> Router {
 async fn ready(State(s): State<AdminState>) -> Response {
     let generation = s.published.borrow().as_ref().map(|p| p.generation);
     let Some(g) = generation else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no config translated yet\n",
-        )
-            .into_response();
+        let why = match s.health.degraded() {
+            Some(d) => format!(
+                "not ready, degraded: the config source failed {} times in a row ({})\n",
+                d.failures, d.error
+            ),
+            None => "not ready: no config translated yet\n".to_string(),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     };
     let text = match s.health.degraded() {
         None => format!("ready (generation {g})\n"),

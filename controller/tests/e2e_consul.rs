@@ -322,3 +322,67 @@ fn status_counts_the_proxies_of_every_replica() {
         st["proxies"]["total"] == 2 && st["proxies"]["acked"] == 1
     });
 }
+
+/// With Consul ACLs: the controller's token (from CONSUL_HTTP_TOKEN_FILE) is sent and
+/// never shown; a token that may not read the config leaves the controller degraded,
+/// with Consul's message naming the missing permission.
+#[test]
+fn acl_tokens_are_used_and_a_missing_permission_is_named() {
+    use vmesh_testkit::consul::{AclConfig, AclRules, AclToken, KeyPolicy};
+    let controller_rules = AclRules::default()
+        .key_prefix("vmesh/config/", KeyPolicy::Read)
+        .key_prefix("vmesh/status/", KeyPolicy::Write)
+        .key_prefix("vmesh/replicas/", KeyPolicy::Write)
+        .key_prefix("vmesh/leader", KeyPolicy::Write)
+        .with_session_write();
+    let acl = AclConfig::default()
+        .with_token(AclToken::new("s3cret-controller-token", controller_rules))
+        .with_token(AclToken::new(
+            "s3cret-other-token",
+            AclRules::default().key_prefix("other/", KeyPolicy::Read),
+        ));
+    let consul = ConsulEmulator::start_with(ConsulOptions {
+        acl: Some(acl),
+        session_ttl_min: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let v1 = EchoServer::start("v1");
+    let port = free_port();
+    put(&consul, "Gateway/edge", &gateway_doc(port, PROXY));
+    put(&consul, "Upstream/v1", &upstream_doc("v1", v1.port()));
+    put(&consul, "VirtualService/web", &vs_to("v1"));
+
+    let dir = std::env::temp_dir().join(format!("vmesh-acl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-controller-token\n").unwrap();
+    let c = Controller::consul(
+        &consul.url(),
+        &["--consul-token-file", token_file.to_str().unwrap()],
+    );
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    wait_served_by(port, "/", &[], "v1");
+    wait_status(&consul, "VirtualService/web", |st| {
+        st["proxies"]["acked"] == 1
+    });
+    assert!(!c.log().contains("s3cret"), "the token never shows in logs");
+
+    // Another controller with a token that may not read vmesh/config/.
+    std::fs::write(&token_file, "s3cret-other-token").unwrap();
+    let denied = {
+        let base = Controller::consul_unready(
+            &consul.url(),
+            &["--consul-token-file", token_file.to_str().unwrap()],
+        );
+        eventually(DEADLINE, "readiness to name the missing permission", || {
+            let r = http_get(&base.admin("/readyz"), &[])?;
+            // Not ready: it never read a config, and an empty one would be a lie.
+            (r.status == 503 && r.body.contains("may not read"))
+                .then_some(r.body.clone())
+                .ok_or(r.body)
+        })
+    };
+    assert!(denied.contains("vmesh/config/"), "{denied}");
+    assert!(!denied.contains("s3cret"), "{denied}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use vmesh_consul::{Client, KvEntry, KvWatch, WatchConfig, WatchEvent};
+use vmesh_consul::{Client, ConsulError, KvEntry, KvWatch, WatchConfig, WatchEvent};
 use vmesh_model::{is_valid_name, Kind, ObjectKey, Problem};
 
 use super::{Change, SourceEvent, SourceHealth};
@@ -46,6 +46,20 @@ impl ConsulSource {
                 r = self.client.kv_list(&prefix, next.index, watch.config().wait) => r,
                 _ = out.closed() => return,
             };
+            // An answer Consul filtered is a partial view: applying it would drop every
+            // object the token may not read. Keep the last config and say why.
+            let read = read.and_then(|answer| {
+                if answer.filtered_by_acls {
+                    Err(ConsulError::Status {
+                        status: 403,
+                        message: format!(
+                            "the ACL token may not read every key under {prefix} (Consul filtered the answer); it needs key_prefix \"{prefix}\" read"
+                        ),
+                    })
+                } else {
+                    Ok(answer)
+                }
+            });
             match read {
                 Ok(answer) => {
                     let first = !watch.is_synced();

@@ -48,11 +48,18 @@ impl Controller {
         }
         let mut args = vec!["--config-dir".to_string(), dir.display().to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::launch(base, dir, args)
+        Self::launch(base, dir, args, true)
     }
 
     /// Starts a controller that reads its config from Consul KV at `consul_url`.
     pub fn consul(consul_url: &str, extra: &[&str]) -> Controller {
+        let c = Self::consul_unready(consul_url, extra);
+        c.wait_ready();
+        c
+    }
+
+    /// [`Controller::consul`] without waiting for it to be ready.
+    pub fn consul_unready(consul_url: &str, extra: &[&str]) -> Controller {
         let base = std::env::temp_dir().join(format!(
             "vmesh-e2e-{}-{}",
             std::process::id(),
@@ -63,10 +70,10 @@ impl Controller {
         let mut args = vec!["--consul-addr".to_string(), consul_url.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let dir = base.join("unused");
-        Self::launch(base, dir, args)
+        Self::launch(base, dir, args, false)
     }
 
-    fn launch(base: PathBuf, dir: PathBuf, args: Vec<String>) -> Controller {
+    fn launch(base: PathBuf, dir: PathBuf, args: Vec<String>, wait: bool) -> Controller {
         let xds_port = free_port();
         let admin_port = free_port();
         let log = base.join("controller.log");
@@ -80,7 +87,9 @@ impl Controller {
             admin_port,
             log,
         };
-        c.wait_ready();
+        if wait {
+            c.wait_ready();
+        }
         c
     }
 

@@ -48,10 +48,19 @@ struct WireEntry {
 }
 
 /// A read's answer and the index to block on next.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Indexed<T> {
     pub index: u64,
     pub value: T,
+    /// Consul left out entries the token may not read: the answer is incomplete.
+    pub filtered_by_acls: bool,
+}
+
+struct Answer {
+    status: StatusCode,
+    index: u64,
+    filtered: bool,
+    body: Bytes,
 }
 
 /// Conditions of a KV write.
@@ -136,20 +145,24 @@ impl Client {
             query.push(("index", i.to_string()));
             query.push(("wait", format!("{}ms", wait.as_millis())));
         }
-        let (status, index, body) = self
+        let Answer {
+            status,
+            index,
+            filtered,
+            body,
+        } = self
             .call(Method::GET, &kv_path(prefix), &query, None, wait + SLACK)
             .await?;
-        match status {
-            StatusCode::OK => Ok(Indexed {
-                index,
-                value: decode_entries(&body)?,
-            }),
-            StatusCode::NOT_FOUND => Ok(Indexed {
-                index,
-                value: Vec::new(),
-            }),
-            _ => Err(ConsulError::status(status, &body)),
-        }
+        let value = match status {
+            StatusCode::OK => decode_entries(&body)?,
+            StatusCode::NOT_FOUND => Vec::new(),
+            _ => return Err(ConsulError::status(status, &body)),
+        };
+        Ok(Indexed {
+            index,
+            value,
+            filtered_by_acls: filtered,
+        })
     }
 
     /// One key, if it exists; with `index`, blocks until it changes past that index or
@@ -165,22 +178,29 @@ impl Client {
             query.push(("index", i.to_string()));
             query.push(("wait", format!("{}ms", wait.as_millis())));
         }
-        let (status, index, body) = self
+        let Answer {
+            status,
+            index,
+            filtered,
+            body,
+        } = self
             .call(Method::GET, &kv_path(key), &query, None, wait + SLACK)
             .await?;
-        match status {
-            StatusCode::OK => Ok(Indexed {
-                index,
-                value: decode_entries(&body)?.into_iter().next(),
-            }),
-            StatusCode::NOT_FOUND => Ok(Indexed { index, value: None }),
-            _ => Err(ConsulError::status(status, &body)),
-        }
+        let value = match status {
+            StatusCode::OK => decode_entries(&body)?.into_iter().next(),
+            StatusCode::NOT_FOUND => None,
+            _ => return Err(ConsulError::status(status, &body)),
+        };
+        Ok(Indexed {
+            index,
+            value,
+            filtered_by_acls: filtered,
+        })
     }
 
     /// One key, if it exists.
     pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, ConsulError> {
-        let (status, _, body) = self
+        let Answer { status, body, .. } = self
             .call(Method::GET, &kv_path(key), &[], None, SLACK)
             .await?;
         match status {
@@ -210,7 +230,7 @@ impl Client {
         if let Some(s) = &options.release {
             query.push(("release", s.clone()));
         }
-        let (status, _, body) = self
+        let Answer { status, body, .. } = self
             .call(Method::PUT, &kv_path(key), &query, Some(value), SLACK)
             .await?;
         expect_bool(status, &body)
@@ -219,7 +239,7 @@ impl Client {
     /// Deletes a key (with `cas`, only at that ModifyIndex); false when the CAS did not hold.
     pub async fn kv_delete(&self, key: &str, cas: Option<u64>) -> Result<bool, ConsulError> {
         let query: Vec<(&str, String)> = cas.map(|c| ("cas", c.to_string())).into_iter().collect();
-        let (status, _, body) = self
+        let Answer { status, body, .. } = self
             .call(Method::DELETE, &kv_path(key), &query, None, SLACK)
             .await?;
         expect_bool(status, &body)
@@ -228,7 +248,7 @@ impl Client {
     /// Creates a session; returns its ID.
     pub async fn session_create(&self, request: &SessionRequest) -> Result<String, ConsulError> {
         let body = serde_json::to_vec(request).map_err(|e| ConsulError::Decode(e.to_string()))?;
-        let (status, _, body) = self
+        let Answer { status, body, .. } = self
             .call(Method::PUT, "/v1/session/create", &[], Some(body), SLACK)
             .await?;
         if status != StatusCode::OK {
@@ -246,7 +266,7 @@ impl Client {
 
     /// Renews a session; false when Consul no longer knows it (it was invalidated).
     pub async fn session_renew(&self, id: &str) -> Result<bool, ConsulError> {
-        let (status, _, body) = self
+        let Answer { status, body, .. } = self
             .call(
                 Method::PUT,
                 &format!("/v1/session/renew/{id}"),
@@ -264,7 +284,7 @@ impl Client {
 
     /// Destroys a session, releasing (or deleting) what it holds.
     pub async fn session_destroy(&self, id: &str) -> Result<(), ConsulError> {
-        let (status, _, body) = self
+        let Answer { status, body, .. } = self
             .call(
                 Method::PUT,
                 &format!("/v1/session/destroy/{id}"),
@@ -287,7 +307,7 @@ impl Client {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
         timeout: Duration,
-    ) -> Result<(StatusCode, u64, Bytes), ConsulError> {
+    ) -> Result<Answer, ConsulError> {
         let mut url = format!("{}{}", self.base, path);
         let mut sep = '?';
         let dc = self.datacenter.as_ref().map(|dc| ("dc", dc.clone()));
@@ -318,13 +338,22 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
+            let filtered = resp
+                .headers()
+                .get("X-Consul-Results-Filtered-By-ACLs")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| ConsulError::Transport(format!("{}: {e}", self.base)))?
                 .to_bytes();
-            Ok((status, index, body))
+            Ok(Answer {
+                status,
+                index,
+                filtered,
+                body,
+            })
         };
         tokio::time::timeout(timeout, fut).await.map_err(|_| {
             ConsulError::Transport(format!("{}: no answer in {timeout:?}", self.base))

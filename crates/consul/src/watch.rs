@@ -176,6 +176,7 @@ mod tests {
         Indexed {
             index,
             value: entries,
+            filtered_by_acls: false,
         }
     }
 
