@@ -140,29 +140,7 @@ impl Client {
         index: Option<u64>,
         wait: Duration,
     ) -> Result<Indexed<Vec<KvEntry>>, ConsulError> {
-        let mut query = vec![("recurse", String::new())];
-        if let Some(i) = index {
-            query.push(("index", i.to_string()));
-            query.push(("wait", format!("{}ms", wait.as_millis())));
-        }
-        let Answer {
-            status,
-            index,
-            filtered,
-            body,
-        } = self
-            .call(Method::GET, &kv_path(prefix), &query, None, wait + SLACK)
-            .await?;
-        let value = match status {
-            StatusCode::OK => decode_entries(&body)?,
-            StatusCode::NOT_FOUND => Vec::new(),
-            _ => return Err(ConsulError::status(status, &body)),
-        };
-        Ok(Indexed {
-            index,
-            value,
-            filtered_by_acls: filtered,
-        })
+        self.kv_read(prefix, true, index, wait).await
     }
 
     /// One key, if it exists; with `index`, blocks until it changes past that index or
@@ -173,28 +151,41 @@ impl Client {
         index: Option<u64>,
         wait: Duration,
     ) -> Result<Indexed<Option<KvEntry>>, ConsulError> {
+        let read = self.kv_read(key, false, index, wait).await?;
+        Ok(Indexed {
+            index: read.index,
+            value: read.value.into_iter().next(),
+            filtered_by_acls: read.filtered_by_acls,
+        })
+    }
+
+    async fn kv_read(
+        &self,
+        key: &str,
+        recurse: bool,
+        index: Option<u64>,
+        wait: Duration,
+    ) -> Result<Indexed<Vec<KvEntry>>, ConsulError> {
         let mut query = Vec::new();
+        if recurse {
+            query.push(("recurse", String::new()));
+        }
         if let Some(i) = index {
             query.push(("index", i.to_string()));
             query.push(("wait", format!("{}ms", wait.as_millis())));
         }
-        let Answer {
-            status,
-            index,
-            filtered,
-            body,
-        } = self
+        let answer = self
             .call(Method::GET, &kv_path(key), &query, None, wait + SLACK)
             .await?;
-        let value = match status {
-            StatusCode::OK => decode_entries(&body)?.into_iter().next(),
-            StatusCode::NOT_FOUND => None,
-            _ => return Err(ConsulError::status(status, &body)),
+        let value = match answer.status {
+            StatusCode::OK => decode_entries(&answer.body)?,
+            StatusCode::NOT_FOUND => Vec::new(),
+            _ => return Err(ConsulError::status(answer.status, &answer.body)),
         };
         Ok(Indexed {
-            index,
+            index: answer.index,
             value,
-            filtered_by_acls: filtered,
+            filtered_by_acls: answer.filtered,
         })
     }
 
