@@ -1,6 +1,9 @@
-//! vmeshctl's commands, as a library so that tests build Envoy bootstraps with
-//! exactly the code users run.
+//! vmeshctl's commands, as a library so that tests build Envoy bootstraps and drive Consul
+//! with exactly the code users run.
 
+pub mod apply;
 pub mod bootstrap;
+pub mod consul;
+pub mod get;
 pub mod status;
 pub mod validate;

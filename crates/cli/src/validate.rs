@@ -57,7 +57,9 @@ pub fn run(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn collect(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The files a `-f` argument names: the file itself, or a directory's *.yaml, *.yml and
+/// *.json files (recursively, hidden ones skipped), sorted.
+pub(crate) fn collect(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         anyhow::ensure!(path.exists(), "{} does not exist", path.display());
         return Ok(vec![path.to_path_buf()]);

@@ -7,6 +7,8 @@ use vmesh_testkit::{require_envoy, workspace_root};
 fn vmeshctl(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vmeshctl"))
         .args(args)
+        // Without a Consul address, status asks the controller's admin endpoint.
+        .env_remove("CONSUL_HTTP_ADDR")
         .current_dir(workspace_root())
         .output()
         .expect("run vmeshctl");

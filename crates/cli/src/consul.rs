@@ -1,0 +1,291 @@
+//! What the Consul commands share: the connection flags, the key layout, kind names, and
+//! a small synchronous view of Consul KV ([`Kv`]) that the commands are written against,
+//! so that their logic is tested with the real client and with injected outcomes alike.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use vmesh_consul::{Client, ConsulConfig, ConsulEnv, WriteOptions};
+use vmesh_model::{is_valid_name, Kind, ObjectKey};
+
+/// How to reach Consul; the same flags and variables as `vmesh-controller` and Consul's CLI.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ConsulArgs {
+    /// Consul's HTTP address, host:port or http(s)://host:port [default: 127.0.0.1:8500].
+    #[arg(long, env = "CONSUL_HTTP_ADDR")]
+    pub consul_addr: Option<String>,
+    /// Consul ACL token (prefer --consul-token-file or the variable: a flag shows in `ps`).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+    /// File holding the Consul ACL token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
+    pub consul_token_file: Option<PathBuf>,
+    /// CA bundle to verify an https Consul with (the system's roots without it).
+    #[arg(long, env = "CONSUL_CACERT")]
+    pub consul_cacert: Option<PathBuf>,
+    /// Client certificate, for a Consul that verifies clients (with --consul-client-key).
+    #[arg(long, env = "CONSUL_CLIENT_CERT")]
+    pub consul_client_cert: Option<PathBuf>,
+    /// Client private key, for a Consul that verifies clients.
+    #[arg(long, env = "CONSUL_CLIENT_KEY")]
+    pub consul_client_key: Option<PathBuf>,
+    /// Consul datacenter; the agent's own by default.
+    #[arg(long, env = "VMESH_CONSUL_DATACENTER")]
+    pub consul_datacenter: Option<String>,
+    /// Prefix of every vmesh key in Consul KV (the controller's --consul-prefix).
+    #[arg(
+        long,
+        visible_alias = "consul-prefix",
+        env = "VMESH_CONSUL_PREFIX",
+        default_value = "vmesh"
+    )]
+    pub prefix: String,
+}
+
+impl ConsulArgs {
+    pub fn config(&self) -> anyhow::Result<ConsulConfig> {
+        Ok(ConsulConfig::from_env(ConsulEnv {
+            http_addr: self.consul_addr.clone(),
+            http_token: self.consul_token.clone(),
+            http_token_file: self.consul_token_file.clone(),
+            cacert: self.consul_cacert.clone(),
+            client_cert: self.consul_client_cert.clone(),
+            client_key: self.consul_client_key.clone(),
+            datacenter: self.consul_datacenter.clone(),
+        })?)
+    }
+
+    /// A connected view of Consul KV.
+    pub fn connect(&self) -> anyhow::Result<ConsulKv> {
+        ConsulKv::new(&self.config()?)
+    }
+
+    pub fn layout(&self) -> Layout {
+        Layout::new(&self.prefix)
+    }
+}
+
+/// Where vmesh keeps things in Consul KV under a prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    pub fn new(prefix: &str) -> Self {
+        Layout {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// `<prefix>/config/`
+    pub fn config_prefix(&self) -> String {
+        format!("{}/config/", self.prefix)
+    }
+
+    /// `<prefix>/status/`
+    pub fn status_prefix(&self) -> String {
+        format!("{}/status/", self.prefix)
+    }
+
+    /// `<prefix>/config/<Kind>/<name>`
+    pub fn config_key(&self, key: &ObjectKey) -> String {
+        format!("{}{}/{}", self.config_prefix(), key.kind, key.name)
+    }
+
+    /// `<prefix>/status/<Kind>/<name>`
+    pub fn status_key(&self, key: &ObjectKey) -> String {
+        format!("{}{}/{}", self.status_prefix(), key.kind, key.name)
+    }
+}
+
+/// The object a key `<folder><Kind>/<name>` names, as the controller reads it.
+pub fn object_key(folder: &str, key: &str) -> Option<ObjectKey> {
+    let rest = key.strip_prefix(folder)?;
+    let (kind, name) = rest.split_once('/')?;
+    let kind = Kind::parse(kind)?;
+    is_valid_name(name).then(|| ObjectKey::new(kind, name))
+}
+
+/// A kind as typed on the command line: any case, singular or plural, or a short form.
+pub fn parse_kind(s: &str) -> Result<Kind, String> {
+    let kind = match s.to_ascii_lowercase().as_str() {
+        "upstream" | "upstreams" | "us" => Kind::Upstream,
+        "virtualservice" | "virtualservices" | "vs" => Kind::VirtualService,
+        "gateway" | "gateways" | "gw" => Kind::Gateway,
+        _ => {
+            return Err(format!(
+                "unknown kind {s:?}: expected Upstream (upstreams, us), VirtualService (virtualservices, vs) or Gateway (gateways, gw)"
+            ))
+        }
+    };
+    Ok(kind)
+}
+
+/// A failure with its own exit code (see [`exit_code`]).
+#[derive(Debug)]
+pub enum Failure {
+    /// Exit 3: the object asked for does not exist.
+    NotFound(String),
+    /// Exit 4: a key changed between reading and writing it (CAS).
+    Conflict(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NotFound(m) | Failure::Conflict(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Invalid input, or Consul could not be read or written.
+    pub const ERROR: u8 = 1;
+    /// Bad usage (clap's own code).
+    pub const USAGE: u8 = 2;
+    pub const NOT_FOUND: u8 = 3;
+    pub const CONFLICT: u8 = 4;
+}
+
+/// The exit code an error ends vmeshctl with.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Failure>() {
+        Some(Failure::NotFound(_)) => exit::NOT_FOUND,
+        Some(Failure::Conflict(_)) => exit::CONFLICT,
+        None => exit::ERROR,
+    }
+}
+
+/// One stored key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub key: String,
+    pub modify_index: u64,
+    pub value: Vec<u8>,
+}
+
+/// The KV calls the commands make, synchronous.
+pub trait Kv {
+    fn get(&self, key: &str) -> anyhow::Result<Option<Stored>>;
+    /// Every key under `prefix`, in key order.
+    fn list(&self, prefix: &str) -> anyhow::Result<Vec<Stored>>;
+    /// Writes only if the key is still at `cas` (0: only if absent); false when it was not.
+    fn put_cas(&self, key: &str, value: &[u8], cas: u64) -> anyhow::Result<bool>;
+    /// Deletes only if the key is still at `cas`; false when it was not.
+    fn delete_cas(&self, key: &str, cas: u64) -> anyhow::Result<bool>;
+}
+
+/// [`Kv`] on the vmesh-consul client, driven by a current-thread runtime.
+pub struct ConsulKv {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl ConsulKv {
+    pub fn new(config: &ConsulConfig) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        // The client's connector spawns onto the runtime it is built in.
+        let client = runtime.block_on(async { Client::new(config) })?;
+        Ok(ConsulKv { runtime, client })
+    }
+
+    pub fn address(&self) -> &str {
+        self.client.address()
+    }
+}
+
+fn stored(e: vmesh_consul::KvEntry) -> Stored {
+    Stored {
+        key: e.key,
+        modify_index: e.modify_index,
+        value: e.value,
+    }
+}
+
+impl Kv for ConsulKv {
+    fn get(&self, key: &str) -> anyhow::Result<Option<Stored>> {
+        let entry = self
+            .runtime
+            .block_on(self.client.kv_get(key))
+            .with_context(|| format!("reading {key}"))?;
+        Ok(entry.map(stored))
+    }
+
+    fn list(&self, prefix: &str) -> anyhow::Result<Vec<Stored>> {
+        let read = self
+            .runtime
+            .block_on(self.client.kv_list(prefix, None, std::time::Duration::ZERO))
+            .with_context(|| format!("listing {prefix}"))?;
+        anyhow::ensure!(
+            !read.filtered_by_acls,
+            "listing {prefix}: the ACL token may not read every key under it (Consul filtered the answer); it needs key_prefix \"{prefix}\" read"
+        );
+        let mut entries: Vec<Stored> = read.value.into_iter().map(stored).collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    fn put_cas(&self, key: &str, value: &[u8], cas: u64) -> anyhow::Result<bool> {
+        let options = WriteOptions {
+            cas: Some(cas),
+            ..WriteOptions::default()
+        };
+        self.runtime
+            .block_on(self.client.kv_put(key, value.to_vec(), &options))
+            .with_context(|| format!("writing {key}"))
+    }
+
+    fn delete_cas(&self, key: &str, cas: u64) -> anyhow::Result<bool> {
+        self.runtime
+            .block_on(self.client.kv_delete(key, Some(cas)))
+            .with_context(|| format!("deleting {key}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_case_insensitive_with_plurals_and_short_forms() {
+        for s in [
+            "VirtualService",
+            "virtualservice",
+            "VirtualServices",
+            "vs",
+            "VS",
+        ] {
+            assert_eq!(parse_kind(s), Ok(Kind::VirtualService), "{s}");
+        }
+        assert_eq!(parse_kind("upstreams"), Ok(Kind::Upstream));
+        assert_eq!(parse_kind("gw"), Ok(Kind::Gateway));
+        let e = parse_kind("Route").unwrap_err();
+        assert!(e.contains("unknown kind \"Route\""), "{e}");
+    }
+
+    #[test]
+    fn keys_follow_the_layout() {
+        let l = Layout::new("vmesh/");
+        let k = ObjectKey::virtual_service("shop");
+        assert_eq!(l.config_key(&k), "vmesh/config/VirtualService/shop");
+        assert_eq!(l.status_key(&k), "vmesh/status/VirtualService/shop");
+        assert_eq!(
+            object_key(&l.config_prefix(), "vmesh/config/VirtualService/shop"),
+            Some(k)
+        );
+        assert_eq!(object_key(&l.config_prefix(), "vmesh/config/Nope/x"), None);
+        assert_eq!(
+            object_key(&l.config_prefix(), "vmesh/config/Upstream/a/b"),
+            None
+        );
+    }
+}
