@@ -21,8 +21,9 @@ use vmesh_xds::server::Connections;
 use crate::index::PublishedRx;
 use crate::status::{local_acks, merge_acks, object_statuses, Acks, NackLog};
 
-/// Coalesces bursts (a change, then an ACK from each proxy) into one round of writes.
-const SETTLE: Duration = Duration::from_millis(50);
+/// Coalesces bursts (a change, then an ACK from each proxy, many changes in a row) into
+/// one round of writes; status needs to be current, not instant.
+const SETTLE: Duration = Duration::from_millis(250);
 /// Retry pause after Consul refused or could not be reached.
 const RETRY: Duration = Duration::from_secs(1);
 /// How long a watch on the replicas' reports blocks.
