@@ -51,6 +51,9 @@ use vmesh_testkit::{envoy_binary, free_port, Envoy, HttpClient};
 use vmesh_translate::translate;
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
+mod support;
+use support::{fail, ms, print_rows, wait_for_body, Gaps, Row};
+
 const PROXY: &str = "gateway-proxy";
 const PREFIX: &str = "vmesh/config/";
 /// Upstreams and (non-bench) virtual services; with the gateway and `bench`, 1,000 keys.
@@ -102,7 +105,7 @@ fn main() {
     wait_for_body(
         &HttpClient::new(),
         &b.url,
-        BENCH_HOST,
+        &[("host", BENCH_HOST)],
         "warm-up",
         Instant::now(),
         STARTUP,
@@ -113,7 +116,7 @@ fn main() {
     wait_for_body(
         &probe,
         &format!("{}version", b.url),
-        &format!("{last}.bench"),
+        &[("host", &format!("{last}.bench"))],
         &format!("{last} r0"),
         Instant::now(),
         STARTUP,
@@ -161,12 +164,6 @@ fn main() {
     }
     churn.print();
     drop(envoy);
-}
-
-#[track_caller]
-fn fail(message: &str) -> ! {
-    eprintln!("consul: {message}");
-    panic!("{message}");
 }
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -266,47 +263,6 @@ const IN_PROCESS_ROUNDS: usize = 30;
 
 // ---------------------------------------------------------------------------------------------
 // Waiting
-
-/// Polls `GET url` (Host `host`) on one kept-alive connection, without sleeping, until the body
-/// is `want`; returns when it was.
-fn wait_for_body(
-    client: &HttpClient,
-    url: &str,
-    host: &str,
-    want: &str,
-    t0: Instant,
-    timeout: Duration,
-) -> Instant {
-    loop {
-        let last = match client.get(url, &[("host", host)]) {
-            Ok(r) if r.status == 200 && r.body == want => return Instant::now(),
-            Ok(r) => format!("status {} body {:?}", r.status, r.body),
-            Err(e) => e,
-        };
-        if t0.elapsed() > timeout {
-            fail(&format!(
-                "{url} (host {host}) did not answer {want:?} within {timeout:?}; last: {last}"
-            ));
-        }
-    }
-}
-
-/// The idle time before each change: uniform in [0, 500 ms), from a fixed seed (xorshift64),
-/// so every run waits the same and changes land at random points of any periodic timer.
-struct Gaps(u64);
-
-impl Gaps {
-    fn new() -> Gaps {
-        Gaps(0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn pause(&mut self) {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        std::thread::sleep(Duration::from_micros(self.0 % 500_000));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The controller
@@ -574,7 +530,7 @@ impl Bench<'_> {
     /// Series 1: put → the first HTTP response showing it; the PUT's own time separately.
     fn latency_series(&self, changes: usize, first: usize) -> (Vec<Duration>, Vec<Duration>) {
         let client = HttpClient::with_timeout(Duration::from_secs(5), true);
-        let mut gaps = Gaps::new();
+        let mut gaps = Gaps::new(Duration::from_millis(500));
         let (mut put, mut http) = (Vec::new(), Vec::new());
         for i in first..first + changes {
             gaps.pause();
@@ -582,7 +538,14 @@ impl Bench<'_> {
             let t0 = Instant::now();
             self.put_bench(&body);
             put.push(t0.elapsed());
-            let t1 = wait_for_body(&client, &self.url, BENCH_HOST, &body, t0, CHANGE_TIMEOUT);
+            let t1 = wait_for_body(
+                &client,
+                &self.url,
+                &[("host", BENCH_HOST)],
+                &body,
+                t0,
+                CHANGE_TIMEOUT,
+            );
             http.push(t1 - t0);
             if log_filter().is_some() {
                 let now = std::time::SystemTime::now()
@@ -622,7 +585,7 @@ impl Bench<'_> {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let mut gaps = Gaps::new();
+        let mut gaps = Gaps::new(Duration::from_millis(500));
         let mut samples = Vec::with_capacity(changes);
         for i in first..first + changes {
             gaps.pause();
@@ -645,7 +608,7 @@ impl Bench<'_> {
         wait_for_body(
             &client,
             &self.url,
-            BENCH_HOST,
+            &[("host", BENCH_HOST)],
             &format!("v{}", first + changes - 1),
             Instant::now(),
             CHANGE_TIMEOUT,
@@ -720,7 +683,7 @@ impl Bench<'_> {
         let served = wait_for_body(
             &client,
             &self.url,
-            BENCH_HOST,
+            &[("host", BENCH_HOST)],
             &format!("c{}", total - 1),
             final_t0,
             CHANGE_TIMEOUT,
@@ -746,7 +709,7 @@ impl Bench<'_> {
             wait_for_body(
                 &client,
                 &format!("{}version", self.url),
-                &format!("{name}.bench"),
+                &[("host", &format!("{name}.bench"))],
                 &format!("{name} r{rev}"),
                 Instant::now(),
                 CHANGE_TIMEOUT,
@@ -882,56 +845,3 @@ impl Churn {
 
 // ---------------------------------------------------------------------------------------------
 // Report
-
-struct Row {
-    name: &'static str,
-    sorted: Vec<Duration>,
-    mean: Duration,
-}
-
-impl Row {
-    fn new(name: &'static str, mut samples: Vec<Duration>) -> Row {
-        samples.sort();
-        let mean = samples.iter().sum::<Duration>() / samples.len().max(1) as u32;
-        Row {
-            name,
-            sorted: samples,
-            mean,
-        }
-    }
-
-    /// Nearest-rank percentile.
-    fn pct(&self, p: f64) -> Duration {
-        let n = self.sorted.len();
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.sorted[rank.clamp(1, n) - 1]
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
-fn print_rows(rows: &[Row]) {
-    println!(
-        "| {:<38} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
-        "series", "n", "min", "p50", "p90", "p99", "max", "mean"
-    );
-    println!(
-        "|{:-<40}|{:->7}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|",
-        "", "", "", "", "", "", "", ""
-    );
-    for r in rows {
-        println!(
-            "| {:<38} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
-            r.name,
-            r.sorted.len(),
-            ms(r.sorted[0]),
-            ms(r.pct(50.0)),
-            ms(r.pct(90.0)),
-            ms(r.pct(99.0)),
-            ms(r.pct(100.0)),
-            ms(r.mean)
-        );
-    }
-}

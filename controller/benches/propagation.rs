@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 use vmesh_testkit::{envoy_binary, free_port, workspace_root, Envoy, HttpClient};
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
+mod support;
+use support::{fail, ms, wait_for_body, Gaps, Row};
+
 const PROXY: &str = "gateway-proxy";
 const STARTUP: Duration = Duration::from_secs(30);
 /// The longest one change may take to show before the run fails.
@@ -94,12 +97,6 @@ fn main() {
     print_table(changes, &rows);
 }
 
-#[track_caller]
-fn fail(message: &str) -> ! {
-    eprintln!("propagation: {message}");
-    panic!("{message}");
-}
-
 fn scratch_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmesh-bench-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -116,49 +113,6 @@ fn write_atomically(dir: &Path, name: &str, text: &str) {
         .unwrap_or_else(|e| fail(&format!("rename into {name}: {e}")));
 }
 
-/// Polls `GET url` on one kept-alive connection until the body is `want`; returns when it was.
-fn wait_for_body(
-    client: &HttpClient,
-    url: &str,
-    want: &str,
-    t0: Instant,
-    timeout: Duration,
-) -> Instant {
-    loop {
-        let last = match client.get(url, &[]) {
-            Ok(r) if r.status == 200 && r.body == want => return Instant::now(),
-            Ok(r) => format!("status {} body {:?}", r.status, r.body),
-            Err(e) => e,
-        };
-        if t0.elapsed() > timeout {
-            fail(&format!(
-                "{url} did not answer {want:?} within {timeout:?}; last: {last}"
-            ));
-        }
-    }
-}
-
-/// The idle time before each change: uniform in [0, 1 s), from a fixed seed so every run and
-/// every series waits the same. Without it, a change made right after the previous one showed
-/// would fall at the same point of sovereign's 1 s refresh cycle every time (and measure its
-/// worst case); with it, changes land at random points of any periodic timer, as edits do.
-/// The gap is not part of any sample.
-struct Gaps(u64);
-
-impl Gaps {
-    fn new() -> Gaps {
-        Gaps(0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn pause(&mut self) {
-        // xorshift64
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        std::thread::sleep(Duration::from_micros(self.0 % 1_000_000));
-    }
-}
-
 /// Makes `changes` changes with `apply(i)` (which must make the listener answer `v<i>`) and
 /// measures each through `url`. Change numbers start at `first` so consecutive series on the
 /// same listener always change something.
@@ -170,13 +124,13 @@ fn measure(
     mut apply: impl FnMut(usize),
 ) -> Vec<Duration> {
     let client = HttpClient::with_timeout(Duration::from_secs(5), true);
-    let mut gaps = Gaps::new();
+    let mut gaps = Gaps::new(Duration::from_secs(1));
     let mut samples = Vec::with_capacity(changes);
     for i in first..first + changes {
         gaps.pause();
         apply(i);
         let t0 = Instant::now();
-        let t1 = wait_for_body(&client, url, &format!("v{i}"), t0, timeout);
+        let t1 = wait_for_body(&client, url, &[], &format!("v{i}"), t0, timeout);
         samples.push(t1 - t0);
     }
     samples
@@ -281,6 +235,7 @@ impl Controller {
         wait_for_body(
             &HttpClient::new(),
             &url,
+            &[],
             &format!("v{base}"),
             Instant::now(),
             STARTUP,
@@ -301,6 +256,7 @@ impl Controller {
         wait_for_body(
             &HttpClient::new(),
             &url,
+            &[],
             &format!("v{base}"),
             Instant::now(),
             STARTUP,
@@ -322,7 +278,7 @@ impl Controller {
                 fail("the controller never reported VirtualService/web acknowledged");
             }
         };
-        let mut gaps = Gaps::new();
+        let mut gaps = Gaps::new(Duration::from_secs(1));
         let mut samples = Vec::with_capacity(changes);
         for i in base + 1..=base + changes {
             gaps.pause();
@@ -345,6 +301,7 @@ impl Controller {
         wait_for_body(
             &client,
             &url,
+            &[],
             &format!("v{}", base + changes),
             Instant::now(),
             VMESH_CHANGE_TIMEOUT,
@@ -595,7 +552,7 @@ fn sovereign_series(
     let envoy = Envoy::start(&sovereign_bootstrap(port, refresh_delay), "sovereign-proxy");
     envoy.wait_ready(STARTUP);
     let url = format!("http://127.0.0.1:{listener_port}/");
-    wait_for_body(&HttpClient::new(), &url, "v0", Instant::now(), STARTUP);
+    wait_for_body(&HttpClient::new(), &url, &[], "v0", Instant::now(), STARTUP);
     let samples = measure(changes, 1, &url, SOVEREIGN_CHANGE_TIMEOUT, |i| {
         write_atomically(base, "route.json", &format!("{{\"body\": \"v{i}\"}}"));
     });
@@ -606,35 +563,6 @@ fn sovereign_series(
 
 // ---------------------------------------------------------------------------------------------
 // Report
-
-struct Row {
-    name: &'static str,
-    sorted: Vec<Duration>,
-    mean: Duration,
-}
-
-impl Row {
-    fn new(name: &'static str, mut samples: Vec<Duration>) -> Row {
-        samples.sort();
-        let mean = samples.iter().sum::<Duration>() / samples.len().max(1) as u32;
-        Row {
-            name,
-            sorted: samples,
-            mean,
-        }
-    }
-
-    /// Nearest-rank percentile.
-    fn pct(&self, p: f64) -> Duration {
-        let n = self.sorted.len();
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.sorted[rank.clamp(1, n) - 1]
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
 
 fn print_table(changes: usize, rows: &[Row]) {
     println!();
