@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
@@ -33,8 +34,8 @@ pub fn route_config_name(gateway: &str) -> String {
 
 /// What one gateway produces, the same on each of its proxies.
 struct GatewayResources {
-    listener: Resource,
-    route_config: Resource,
+    listener: Arc<Resource>,
+    route_config: Arc<Resource>,
     /// Config objects behind the route configuration.
     route_origins: BTreeSet<ObjectKey>,
     clusters: BTreeSet<String>,
@@ -87,16 +88,13 @@ pub(crate) fn translate_all(
             let Some(out) = proxies.get_mut(proxy.as_str()) else {
                 continue;
             };
-            out.insert(resources.listener.clone(), BTreeSet::from([key.clone()]));
-            out.insert(
-                resources.route_config.clone(),
-                resources.route_origins.clone(),
-            );
+            out.insert(&resources.listener, BTreeSet::from([key.clone()]));
+            out.insert(&resources.route_config, resources.route_origins.clone());
             for cluster in &resources.clusters {
                 if let Some(u) = upstreams.get(cluster) {
                     let origin = BTreeSet::from([ObjectKey::upstream(cluster)]);
-                    out.insert(u.cluster.clone(), origin.clone());
-                    out.insert(u.endpoints.clone(), origin);
+                    out.insert(&u.cluster, origin.clone());
+                    out.insert(&u.endpoints, origin);
                 }
             }
         }
@@ -210,13 +208,13 @@ fn translate_gateway<'c>(
         .collect();
 
     GatewayResources {
-        listener: Resource::new(
+        listener: Arc::new(Resource::new(
             LISTENER,
             listener_name(name),
             &listener(name, spec, &rc_name),
             vec![ResourceRef::new(ROUTE, rc_name.clone())],
-        ),
-        route_config: Resource::new(ROUTE, rc_name, &route_config, route_refs),
+        )),
+        route_config: Arc::new(Resource::new(ROUTE, rc_name, &route_config, route_refs)),
         route_origins,
         clusters,
     }

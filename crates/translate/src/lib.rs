@@ -15,6 +15,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use vmesh_model::{Config, ObjectKey, ObjectReport, Problem, State};
 use vmesh_xds::ProxySnapshot;
@@ -45,12 +46,13 @@ pub struct ProxyOutput {
 }
 
 impl ProxyOutput {
-    fn insert(&mut self, resource: vmesh_xds::Resource, origins: BTreeSet<ObjectKey>) {
+    /// Adds a resource; resources are shared between proxies, never copied.
+    fn insert(&mut self, resource: &Arc<vmesh_xds::Resource>, origins: BTreeSet<ObjectKey>) {
         self.origins
             .entry((resource.type_url, resource.name.clone()))
             .or_default()
             .extend(origins);
-        self.snapshot.insert(resource);
+        self.snapshot.insert_shared(resource.clone());
     }
 }
 

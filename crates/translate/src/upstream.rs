@@ -1,6 +1,7 @@
 //! Upstream → EDS Cluster + ClusterLoadAssignment, both named after the upstream.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
@@ -21,8 +22,8 @@ use crate::{ads_config_source, pb_duration};
 
 /// The cluster and its endpoints for one upstream.
 pub(crate) struct UpstreamResources {
-    pub cluster: Resource,
-    pub endpoints: Resource,
+    pub cluster: Arc<Resource>,
+    pub endpoints: Arc<Resource>,
 }
 
 /// Every upstream of the effective config, by name.
@@ -75,13 +76,13 @@ pub(crate) fn translate_upstream(name: &str, spec: &UpstreamSpec) -> UpstreamRes
         ..Default::default()
     };
     UpstreamResources {
-        cluster: Resource::new(
+        cluster: Arc::new(Resource::new(
             CLUSTER,
             name,
             &cluster,
             vec![ResourceRef::new(ENDPOINT, name)],
-        ),
-        endpoints: Resource::new(ENDPOINT, name, &assignment, vec![]),
+        )),
+        endpoints: Arc::new(Resource::new(ENDPOINT, name, &assignment, vec![])),
     }
 }
 

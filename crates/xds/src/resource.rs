@@ -102,10 +102,15 @@ pub struct ProxySnapshot {
 
 impl ProxySnapshot {
     pub fn insert(&mut self, resource: Resource) {
+        self.insert_shared(Arc::new(resource));
+    }
+
+    /// Inserts a resource that other snapshots share (one upstream's cluster on many proxies).
+    pub fn insert_shared(&mut self, resource: Arc<Resource>) {
         self.resources
             .entry(resource.type_url)
             .or_default()
-            .insert(resource.name.clone(), Arc::new(resource));
+            .insert(resource.name.clone(), resource);
     }
 
     pub fn of_type(&self, type_url: &str) -> Option<&TypeResources> {
