@@ -230,7 +230,7 @@ impl StatusWriter {
         let Some(current) = written.as_mut() else {
             return Ok(());
         };
-        let mut wrote = 0;
+        let mut wrote = Vec::new();
         let mut conflict = false;
         for (key, body) in &desired {
             let cas = match current.get(key) {
@@ -243,7 +243,7 @@ impl StatusWriter {
                 ..Default::default()
             };
             if self.client.kv_put(key, body.clone(), &options).await? {
-                wrote += 1;
+                wrote.push(key);
             } else {
                 conflict = true;
             }
@@ -254,14 +254,31 @@ impl StatusWriter {
             .map(|(k, (i, _))| (k.clone(), *i))
             .collect();
         for (key, index) in &gone {
-            if !self.client.kv_delete(key, Some(*index)).await? {
+            if self.client.kv_delete(key, Some(*index)).await? {
+                current.remove(key);
+            } else {
                 conflict = true;
             }
         }
-        if wrote + gone.len() > 0 || conflict {
-            debug!(wrote, removed = gone.len(), conflict, "status written");
-            // Learn the new ModifyIndexes (and anything another writer did) for the next CAS.
+        if !wrote.is_empty() || !gone.is_empty() || conflict {
+            debug!(
+                wrote = wrote.len(),
+                removed = gone.len(),
+                conflict,
+                "status written"
+            );
+        }
+        if conflict {
+            // Someone else wrote: learn everything again before the next CAS.
             *current = self.load().await?;
+        } else {
+            // Learn the new ModifyIndex of just what was written, for the next CAS.
+            for key in wrote {
+                match self.client.kv_get(key).await? {
+                    Some(e) => current.insert(key.clone(), (e.modify_index, e.value)),
+                    None => current.remove(key),
+                };
+            }
         }
         Ok(())
     }
