@@ -9,6 +9,8 @@
 //!   bad spec is still reported on the right object, with field paths such as
 //!   `spec.routes[2].match.regex`;
 //! - semantic validation that collects every problem of an object;
+//! - [`Catalog`], the discovered instances of Consul services that `consul`
+//!   upstreams use (input to translation, filled by the controller, not config);
 //! - [`ConfigSet`], the store that keeps the last good version of each object
 //!   across edits, and resolves objects defined twice.
 //!
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod catalog;
 mod document;
 mod duration;
 mod gateway;
@@ -26,6 +29,7 @@ mod upstream;
 mod validate;
 mod virtual_service;
 
+pub use catalog::{Catalog, Health, ServiceInstance};
 pub use document::{
     parse_multi, parse_single, parse_value, Document, Kind, Object, ObjectKey, Parsed,
 };
@@ -34,7 +38,8 @@ pub use gateway::{GatewaySpec, DEFAULT_BIND_ADDRESS, DEFAULT_PROXY_NAME};
 pub use problem::Problem;
 pub use store::{Config, ConfigSet, ObjectReport, SourceMode, State};
 pub use upstream::{
-    Discovery, LoadBalancer, StaticDiscovery, StaticHost, UpstreamSpec, DEFAULT_CONNECT_TIMEOUT,
+    is_valid_consul_datacenter, is_valid_consul_service, ConsulDiscovery, Discovery, LoadBalancer,
+    StaticDiscovery, StaticHost, UpstreamSpec, DEFAULT_CONNECT_TIMEOUT,
 };
 pub use validate::is_valid_name;
 pub use virtual_service::{

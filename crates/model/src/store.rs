@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::catalog::Catalog;
 use crate::document::{parse_multi, parse_single, Document, Object, ObjectKey, Parsed};
 use crate::gateway::GatewaySpec;
 use crate::problem::{index, Problem};
@@ -94,6 +95,9 @@ pub struct Config {
     pub reports: BTreeMap<ObjectKey, ObjectReport>,
     /// Problems that belong to no object, per source.
     pub source_errors: BTreeMap<String, Vec<Problem>>,
+    /// Discovered instances of Consul services, for upstreams with `consul` discovery.
+    /// Not config: [`ConfigSet::snapshot`] leaves it empty and the controller sets it.
+    pub catalog: Catalog,
 }
 
 impl Config {

@@ -283,8 +283,132 @@ fn upstream_needs_exactly_one_discovery_form() {
     assert_problem(
         remove(upstream(), "/spec/static"),
         "spec",
-        "exactly one discovery form must be set: static",
+        "exactly one discovery form must be set: static or consul",
     );
+    assert_problem(
+        set(upstream(), "/spec/consul", json!({"service": "web"})),
+        "spec",
+        "exactly one discovery form must be set: static or consul",
+    );
+}
+
+fn consul_upstream(consul: serde_json::Value) -> serde_json::Value {
+    set(remove(upstream(), "/spec/static"), "/spec/consul", consul)
+}
+
+#[test]
+fn upstream_consul_defaults() {
+    let Object::Upstream(u) = object(consul_upstream(json!({"service": "web"}))) else {
+        panic!()
+    };
+    let Some(Discovery::Consul(c)) = u.discovery() else {
+        panic!()
+    };
+    assert_eq!(c.service, "web");
+    assert!(c.tags.is_empty());
+    assert_eq!(c.datacenters, None);
+    assert!(!c.include_warning);
+    assert_eq!(u.static_hosts, None);
+}
+
+#[test]
+fn upstream_consul_every_field() {
+    let Object::Upstream(u) = object(consul_upstream(json!({
+        "service": "Orders_v2.api",
+        "tags": ["v2", "http", "zone=a"],
+        "datacenters": ["dc1", "eu_west-2"],
+        "includeWarning": true
+    }))) else {
+        panic!()
+    };
+    let c = u.consul.unwrap();
+    assert_eq!(c.tags, ["v2", "http", "zone=a"]);
+    assert_eq!(
+        c.datacenters.as_deref(),
+        Some(&["dc1".to_string(), "eu_west-2".to_string()][..])
+    );
+    assert!(c.include_warning);
+}
+
+#[test]
+fn upstream_consul_service() {
+    assert_problem(
+        consul_upstream(json!({})),
+        "spec.consul",
+        "missing field `service`",
+    );
+    for bad in ["", "a b", "web/v1", "wéb", "a:b", &"a".repeat(256)] {
+        assert_problem(
+            consul_upstream(json!({"service": bad})),
+            "spec.consul.service",
+            "invalid Consul service name",
+        );
+    }
+    assert_valid(consul_upstream(json!({"service": "a".repeat(255)})));
+    assert_problem(
+        consul_upstream(json!({"service": "web", "passingOnly": true})),
+        "spec.consul.passingOnly",
+        "unknown field `passingOnly`",
+    );
+}
+
+#[test]
+fn upstream_consul_tags() {
+    assert_valid(consul_upstream(json!({"service": "web", "tags": []})));
+    assert_problem(
+        consul_upstream(json!({"service": "web", "tags": ["v1", ""]})),
+        "spec.consul.tags[1]",
+        "tag must not be empty",
+    );
+    assert_problem(
+        consul_upstream(json!({"service": "web", "tags": ["a\nb"]})),
+        "spec.consul.tags[0]",
+        "must not contain control characters",
+    );
+    assert_problem(
+        consul_upstream(json!({"service": "web", "tags": ["v1", "v2", "v1"]})),
+        "spec.consul.tags[2]",
+        "duplicate tag \"v1\"",
+    );
+}
+
+#[test]
+fn upstream_consul_datacenters() {
+    assert_problem(
+        consul_upstream(json!({"service": "web", "datacenters": []})),
+        "spec.consul.datacenters",
+        "must list at least one datacenter",
+    );
+    for bad in ["DC1", "", "dc 1", "dc.1"] {
+        assert_problem(
+            consul_upstream(json!({"service": "web", "datacenters": ["dc1", bad]})),
+            "spec.consul.datacenters[1]",
+            "invalid datacenter",
+        );
+    }
+    assert_problem(
+        consul_upstream(json!({"service": "web", "datacenters": ["dc1", "dc2", "dc1"]})),
+        "spec.consul.datacenters[2]",
+        "duplicate datacenter \"dc1\"",
+    );
+    assert_problem(
+        consul_upstream(json!({"service": "web", "includeWarning": "yes"})),
+        "spec.consul.includeWarning",
+        "invalid type",
+    );
+}
+
+#[test]
+fn upstream_consul_reports_every_problem() {
+    let found = problems(consul_upstream(json!({
+        "service": "a b",
+        "tags": [""],
+        "datacenters": ["X"]
+    })));
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(found[0].starts_with("spec.consul.service: "));
+    assert!(found[1].starts_with("spec.consul.tags[0]: "));
+    assert!(found[2].starts_with("spec.consul.datacenters[0]: "));
 }
 
 #[test]

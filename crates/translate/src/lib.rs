@@ -6,7 +6,8 @@
 //!   virtual service ([`gateway`]).
 //! - VirtualService routes → Envoy routes ([`routes`]).
 //! - Upstream `U` → EDS Cluster `U` and ClusterLoadAssignment `U` ([`upstream`]),
-//!   only on the proxies whose routes use it.
+//!   only on the proxies whose routes use it. A `consul` upstream's endpoints are the
+//!   admitted instances of its service in [`Config::catalog`](vmesh_model::Config).
 //!
 //! Output is deterministic: everything iterates in name order, versions are
 //! content hashes, and nothing depends on the order objects were loaded in.
@@ -59,7 +60,7 @@ impl ProxyOutput {
 /// Translates the effective config into per-proxy resources and reports.
 pub fn translate(config: &Config) -> Translation {
     let mut reports = Reports::new(config);
-    let upstreams = upstream::translate_all(config);
+    let upstreams = upstream::translate_all(config, &mut reports);
     let virtual_services = routes::translate_all(config, &mut reports);
     let proxies = gateway::translate_all(config, &virtual_services, &upstreams, &mut reports);
     Translation {

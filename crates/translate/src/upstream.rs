@@ -1,12 +1,19 @@
 //! Upstream → EDS Cluster + ClusterLoadAssignment, both named after the upstream.
+//!
+//! The cluster depends on the spec only; the endpoints of a `consul` upstream come
+//! from [`Config::catalog`]. So a change of the discovered instances changes the
+//! ClusterLoadAssignment's version and never the Cluster's: Envoy gets new endpoints
+//! without re-warming the cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
     Cluster,
 };
+use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::envoy::config::core::v3::{
     address, socket_address::PortSpecifier, Address, SocketAddress,
 };
@@ -14,11 +21,13 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
-use vmesh_model::{Config, Discovery, LoadBalancer, UpstreamSpec};
+use vmesh_model::{
+    Catalog, Config, ConsulDiscovery, Discovery, LoadBalancer, ObjectKey, UpstreamSpec,
+};
 use vmesh_xds::resource::{CLUSTER, ENDPOINT};
 use vmesh_xds::{Resource, ResourceRef};
 
-use crate::{ads_config_source, pb_duration};
+use crate::{ads_config_source, pb_duration, Reports};
 
 /// The cluster and its endpoints for one upstream.
 pub(crate) struct UpstreamResources {
@@ -27,15 +36,28 @@ pub(crate) struct UpstreamResources {
 }
 
 /// Every upstream of the effective config, by name.
-pub(crate) fn translate_all(config: &Config) -> BTreeMap<String, UpstreamResources> {
+pub(crate) fn translate_all(
+    config: &Config,
+    reports: &mut Reports,
+) -> BTreeMap<String, UpstreamResources> {
     config
         .upstreams
         .iter()
-        .map(|(name, spec)| (name.clone(), translate_upstream(name, spec)))
+        .map(|(name, spec)| {
+            (
+                name.clone(),
+                translate_upstream(name, spec, &config.catalog, reports),
+            )
+        })
         .collect()
 }
 
-pub(crate) fn translate_upstream(name: &str, spec: &UpstreamSpec) -> UpstreamResources {
+pub(crate) fn translate_upstream(
+    name: &str,
+    spec: &UpstreamSpec,
+    catalog: &Catalog,
+    reports: &mut Reports,
+) -> UpstreamResources {
     let lb_policy = match spec.load_balancer {
         LoadBalancer::RoundRobin => LbPolicy::RoundRobin,
         LoadBalancer::LeastRequest => LbPolicy::LeastRequest,
@@ -65,14 +87,22 @@ pub(crate) fn translate_upstream(name: &str, spec: &UpstreamSpec) -> UpstreamRes
                 ..Default::default()
             })
             .collect(),
+        Some(Discovery::Consul(c)) => consul_endpoints(name, c, catalog, reports),
         None => vec![],
+    };
+    // A consul upstream without instances gets no locality at all: Envoy then answers
+    // 503 "no healthy upstream".
+    let endpoints = if lb_endpoints.is_empty() {
+        vec![]
+    } else {
+        vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }]
     };
     let assignment = ClusterLoadAssignment {
         cluster_name: name.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints,
-            ..Default::default()
-        }],
+        endpoints,
         ..Default::default()
     };
     UpstreamResources {
@@ -94,4 +124,70 @@ pub(crate) fn socket_address(ip: &str, port: u16) -> Address {
             ..Default::default()
         })),
     }
+}
+
+/// The endpoints of a `consul` upstream: the instances of its service that carry every
+/// tag, are in an allowed datacenter and whose health is admitted, in address order and
+/// without duplicate addresses. Warns on the upstream when none is left.
+fn consul_endpoints(
+    name: &str,
+    consul: &ConsulDiscovery,
+    catalog: &Catalog,
+    reports: &mut Reports,
+) -> Vec<LbEndpoint> {
+    let key = ObjectKey::upstream(name);
+    // Sorted and without duplicates, so the result does not depend on the order the
+    // instances were reported in.
+    let mut selected: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+    let mut invalid: Vec<String> = Vec::new();
+    for instance in catalog.instances(&consul.service) {
+        if !consul.matches(&consul.service, instance) || !consul.admits(instance.health) {
+            continue;
+        }
+        match instance.address.parse::<IpAddr>() {
+            Ok(ip) if instance.port != 0 => {
+                selected.insert((ip, instance.port));
+            }
+            _ => invalid.push(format!(
+                "instance {:?} on node {:?} has an invalid address {:?} or port {}; left out",
+                instance.id, instance.node, instance.address, instance.port
+            )),
+        }
+    }
+    invalid.sort();
+    for message in invalid {
+        reports.warn(key.clone(), "spec.consul", message);
+    }
+    if selected.is_empty() {
+        reports.warn(key, "spec.consul", no_instance_message(consul));
+    }
+    selected
+        .into_iter()
+        .map(|(ip, port)| LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_address(&ip.to_string(), port)),
+                ..Default::default()
+            })),
+            health_status: HealthStatus::Healthy as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// `no passing instance of service "web" with tags ["v2"] in datacenters ["dc1"]`.
+fn no_instance_message(consul: &ConsulDiscovery) -> String {
+    let health = if consul.include_warning {
+        "passing or warning"
+    } else {
+        "passing"
+    };
+    let mut message = format!("no {health} instance of service {:?}", consul.service);
+    if !consul.tags.is_empty() {
+        message.push_str(&format!(" with tags {:?}", consul.tags));
+    }
+    if let Some(dcs) = &consul.datacenters {
+        message.push_str(&format!(" in datacenters {dcs:?}"));
+    }
+    message.push_str("; the upstream has no endpoints and its routes answer 503");
+    message
 }
