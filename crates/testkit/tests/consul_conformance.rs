@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmesh_testkit::consul::{
-    format_go_duration, new_uuid, parse_go_duration, AclConfig, AclRules, AclToken, ConsulEmulator,
-    ConsulOptions, KeyPolicy,
+    format_go_duration, new_uuid, parse_go_duration, AclConfig, AclRules, AclToken, CheckStatus,
+    ConsulEmulator, ConsulOptions, KeyPolicy, ServiceRegistration,
 };
 use vmesh_testkit::{HttpClient, Response};
 
@@ -44,6 +44,8 @@ struct Target {
     prefix: String,
     client: HttpClient,
     sessions: Mutex<Vec<String>>,
+    /// Agent services this test registered (deregistered at the end).
+    services: Mutex<Vec<String>>,
     ttl_min: Duration,
     dc: String,
 }
@@ -73,6 +75,7 @@ impl Target {
                 prefix,
                 client,
                 sessions: Mutex::new(Vec::new()),
+                services: Mutex::new(Vec::new()),
                 ttl_min: std::env::var("VMESH_CONSUL_SESSION_TTL_MIN")
                     .ok()
                     .map(|s| parse_go_duration(&s).expect("VMESH_CONSUL_SESSION_TTL_MIN"))
@@ -90,6 +93,7 @@ impl Target {
                     prefix,
                     client,
                     sessions: Mutex::new(Vec::new()),
+                    services: Mutex::new(Vec::new()),
                     ttl_min,
                     dc,
                 }
@@ -184,12 +188,71 @@ impl Target {
         self.sessions.lock().expect("lock").push(id.clone());
         id
     }
+
+    /// A service ID (and name) unique to this test run: `vmesh-conf-<test>-<random>-<suffix>`.
+    fn service_id(&self, suffix: &str) -> String {
+        let tail = self
+            .prefix
+            .trim_start_matches("vmesh-conformance/")
+            .trim_end_matches('/');
+        format!("vmesh-conf-{tail}-{suffix}")
+    }
+
+    /// `PUT /v1/agent/service/register` with this body (200 expected); remembers the ID for
+    /// cleanup.
+    fn register(&self, body: Value) {
+        self.register_query(body, "");
+    }
+
+    fn register_query(&self, body: Value, query: &str) {
+        let id = body["ID"]
+            .as_str()
+            .or(body["Name"].as_str())
+            .expect("ID or Name")
+            .to_owned();
+        self.services.lock().expect("lock").push(id);
+        let r = self.put(
+            &format!("agent/service/register{query}"),
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "register: {}", r.body);
+    }
+
+    /// The agent's node name (`Config.NodeName` of `/v1/agent/self`).
+    fn node_name(&self) -> String {
+        let r = self.get("agent/self");
+        assert_eq!(r.status, 200, "agent/self: {}", r.body);
+        json_of(&r)["Config"]["NodeName"]
+            .as_str()
+            .expect("NodeName")
+            .to_owned()
+    }
+
+    /// `GET /v1/agent/checks` (a map from check ID to check).
+    fn agent_checks(&self) -> Value {
+        let r = self.get("agent/checks");
+        assert_eq!(r.status, 200, "agent/checks: {}", r.body);
+        json_of(&r)
+    }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
         if self.emu.is_some() {
             return;
+        }
+        for id in self.services.lock().map(|s| s.clone()).unwrap_or_default() {
+            let _ = self.client.request(
+                "PUT",
+                &format!("{}/v1/agent/service/deregister/{id}", self.base),
+                &self
+                    .token
+                    .as_deref()
+                    .map(|t| ("x-consul-token", t))
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+                None,
+            );
         }
         for id in self.sessions.lock().map(|s| s.clone()).unwrap_or_default() {
             let _ = self.client.request(
@@ -893,6 +956,344 @@ fn acquire_release_lock_index_and_lock_delay() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The local agent
+
+#[test]
+fn agent_self_reports_datacenter_node_and_member_addr() {
+    let t = Target::new("agent-self");
+    let r = t.get("agent/self");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = json_of(&r);
+    assert_eq!(v["Config"]["Datacenter"], t.dc.as_str());
+    let node = v["Config"]["NodeName"].as_str().expect("NodeName");
+    assert!(!node.is_empty());
+    let id = v["Config"]["NodeID"].as_str().expect("NodeID");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let addr = v["Member"]["Addr"].as_str().expect("Member.Addr");
+    addr.parse::<std::net::IpAddr>()
+        .unwrap_or_else(|e| panic!("Member.Addr {addr:?}: {e}"));
+    if let Some(emu) = &t.emu {
+        assert_eq!(node, emu.node_name());
+        assert_eq!(id, emu.node_id());
+        assert_eq!(addr, "127.0.0.1");
+        assert_eq!(v["Member"]["Name"], node);
+    }
+}
+
+#[test]
+fn agent_register_lists_service_with_consul_shape() {
+    let t = Target::new("agent-register");
+    let id = t.service_id("web-1");
+    let name = t.service_id("web");
+    t.register(json!({
+        "ID": id, "Name": name, "Tags": ["v1", "primary"], "Meta": {"version": "1"},
+        "Address": "", "Port": 8080,
+    }));
+    // Without an ID the name is the ID; TaggedAddresses and Weights come back as given.
+    let bare = t.service_id("bare");
+    let tagged = json!({"lan": {"Address": "10.0.0.1", "Port": 80}});
+    t.register(json!({
+        "Name": bare, "Port": 9000, "Address": "10.0.0.1",
+        "TaggedAddresses": tagged, "Weights": {"Passing": 3, "Warning": 2},
+    }));
+    let r = t.get("agent/services");
+    assert_eq!(r.status, 200);
+    let v = json_of(&r);
+    let s = &v[id.as_str()];
+    assert_eq!(s["ID"], id.as_str(), "{v}");
+    assert_eq!(s["Service"], name.as_str());
+    assert_eq!(s["Tags"], json!(["v1", "primary"]));
+    assert_eq!(s["Meta"], json!({"version": "1"}));
+    assert_eq!(s["Port"], 8080);
+    assert_eq!(
+        s["Address"], "",
+        "an empty Address stays empty (the node's address)"
+    );
+    assert_eq!(s["Weights"], json!({"Passing": 1, "Warning": 1}));
+    assert_eq!(s["EnableTagOverride"], false);
+    assert_eq!(s["Datacenter"], t.dc.as_str());
+    assert!(
+        s.get("TaggedAddresses").is_none(),
+        "omitted when not given: {s}"
+    );
+    let b = &v[bare.as_str()];
+    assert_eq!(b["ID"], bare.as_str());
+    assert_eq!(b["Service"], bare.as_str());
+    assert_eq!(b["Tags"], json!([]));
+    assert_eq!(b["Meta"], json!({}));
+    assert_eq!(b["Address"], "10.0.0.1");
+    assert_eq!(b["TaggedAddresses"], tagged);
+    assert_eq!(b["Weights"], json!({"Passing": 3, "Warning": 2}));
+    let r = t.put(
+        "agent/service/register",
+        json!({"Port": 1}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 400, "no Name: {}", r.body);
+}
+
+#[test]
+fn agent_ttl_check_starts_critical_and_follows_pass_warn_fail() {
+    let t = Target::new("agent-ttl");
+    let id = t.service_id("api");
+    t.register(json!({"ID": id, "Name": id, "Tags": ["t1"], "Port": 1, "Check": {"TTL": "30s"}}));
+    let check_id = format!("service:{id}");
+    let node = t.node_name();
+    let c = t.agent_checks()[check_id.as_str()].clone();
+    assert_eq!(c["CheckID"], check_id.as_str(), "{c}");
+    assert_eq!(c["Status"], "critical", "a TTL check starts critical");
+    assert_eq!(c["Name"], format!("Service '{id}' check"));
+    assert_eq!(c["Node"], node.as_str());
+    assert_eq!(c["ServiceID"], id.as_str());
+    assert_eq!(c["ServiceName"], id.as_str());
+    assert_eq!(c["ServiceTags"], json!(["t1"]));
+    assert_eq!(c["Type"], "ttl");
+    assert_eq!(
+        (c["Notes"].clone(), c["Output"].clone()),
+        (json!(""), json!(""))
+    );
+    for (op, status, note) in [
+        ("pass", "passing", "all good"),
+        ("warn", "warning", "slow"),
+        ("fail", "critical", "down"),
+        ("pass", "passing", ""),
+    ] {
+        let q = if note.is_empty() {
+            String::new()
+        } else {
+            format!("?note={}", note.replace(' ', "%20"))
+        };
+        let r = t.put(&format!("agent/check/{op}/{check_id}{q}"), b"");
+        assert_eq!(r.status, 200, "{op}: {}", r.body);
+        let c = t.agent_checks()[check_id.as_str()].clone();
+        assert_eq!(
+            (c["Status"].as_str(), c["Output"].as_str()),
+            (Some(status), Some(note)),
+            "{op}"
+        );
+    }
+    let r = t.put(
+        &format!("agent/check/pass/{}", t.service_id("no-such-check")),
+        b"",
+    );
+    assert!(r.status >= 400, "unknown check: {} {}", r.status, r.body);
+}
+
+#[test]
+fn agent_check_ids_with_several_checks() {
+    let t = Target::new("agent-check-ids");
+    let id = t.service_id("multi");
+    let custom = t.service_id("custom-check");
+    t.register(json!({"ID": id, "Name": id, "Port": 1, "Checks": [
+        {"TTL": "30s"},
+        {"TTL": "30s", "CheckID": custom, "Name": "mine", "Notes": "n", "Status": "passing"},
+    ]}));
+    let checks = t.agent_checks();
+    let first = &checks[format!("service:{id}:1").as_str()];
+    assert_eq!(first["Status"], "critical", "{checks}");
+    let c = &checks[custom.as_str()];
+    assert_eq!(
+        (
+            c["Name"].as_str(),
+            c["Notes"].as_str(),
+            c["Status"].as_str()
+        ),
+        (Some("mine"), Some("n"), Some("passing")),
+        "{checks}"
+    );
+    assert_eq!(c["ServiceID"], id.as_str());
+}
+
+#[test]
+fn agent_reregister_keeps_checks_unless_replace_existing_checks() {
+    let t = Target::new("agent-reregister");
+    let id = t.service_id("svc");
+    let check_id = format!("service:{id}");
+    t.register(json!({"ID": id, "Name": id, "Port": 1, "Check": {"TTL": "30s"}}));
+    t.register(json!({"ID": id, "Name": id, "Port": 2}));
+    assert!(
+        t.agent_checks().get(check_id.as_str()).is_some(),
+        "kept without the flag"
+    );
+    assert_eq!(json_of(&t.get("agent/services"))[id.as_str()]["Port"], 2);
+    t.register_query(
+        json!({"ID": id, "Name": id, "Port": 2}),
+        "?replace-existing-checks",
+    );
+    assert!(
+        t.agent_checks().get(check_id.as_str()).is_none(),
+        "removed with ?replace-existing-checks"
+    );
+}
+
+#[test]
+fn agent_deregister_removes_service_and_its_checks() {
+    let t = Target::new("agent-deregister");
+    let id = t.service_id("gone");
+    t.register(json!({"ID": id, "Name": id, "Port": 1, "Check": {"TTL": "30s"}}));
+    assert!(json_of(&t.get("agent/services")).get(id.as_str()).is_some());
+    let r = t.put(&format!("agent/service/deregister/{id}"), b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(json_of(&t.get("agent/services")).get(id.as_str()).is_none());
+    let checks = t.agent_checks();
+    assert!(
+        checks
+            .as_object()
+            .expect("map")
+            .values()
+            .all(|c| c["ServiceID"] != id.as_str()),
+        "{checks}"
+    );
+    let r = t.put(&format!("agent/service/deregister/{id}"), b"");
+    assert!(r.status >= 400, "unknown service: {} {}", r.status, r.body);
+}
+
+#[test]
+fn agent_ttl_check_goes_critical_when_ttl_runs_out() {
+    let t = Target::new("agent-ttl-expiry");
+    let id = t.service_id("beat");
+    let check_id = format!("service:{id}");
+    t.register(json!({"ID": id, "Name": id, "Port": 1, "Check": {"TTL": "1s"}}));
+    let r = t.put(&format!("agent/check/pass/{check_id}?note=alive"), b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(t.agent_checks()[check_id.as_str()]["Status"], "passing");
+    vmesh_testkit::eventually(Duration::from_secs(5), "the TTL check expired", || {
+        let c = t.agent_checks()[check_id.as_str()].clone();
+        match c["Status"].as_str() {
+            Some("critical") => Ok(()),
+            _ => Err(format!("{c}")),
+        }
+    });
+    let out = t.agent_checks()[check_id.as_str()]["Output"].clone();
+    assert!(
+        out.as_str().is_some_and(|o| o.starts_with("TTL expired")),
+        "{out}"
+    );
+}
+
+/// The services of `node-services` with these IDs (other services may be on a real node).
+fn node_services_with(v: &Value, ids: &[&str]) -> Vec<Value> {
+    v["Services"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| s["ID"].as_str().is_some_and(|id| ids.contains(&id)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn catalog_node_services_blocks_until_a_registration() {
+    let t = Target::new("node-services");
+    let node = t.node_name();
+    let id = t.service_id("late");
+    let r = t.get(&format!("catalog/node-services/{node}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = index_of(&r);
+    let v = json_of(&r);
+    assert_eq!(v["Node"]["Node"], node.as_str(), "{v}");
+    assert!(v["Node"]["Address"].as_str().is_some_and(|a| !a.is_empty()));
+    assert_eq!(v["Node"]["Datacenter"], t.dc.as_str());
+    assert!(node_services_with(&v, &[&id]).is_empty());
+    // Nothing changes: the wait ends with the same index.
+    let start = Instant::now();
+    let r = t.get(&format!(
+        "catalog/node-services/{node}?index={before}&wait=1s"
+    ));
+    assert!(start.elapsed() >= Duration::from_millis(900), "blocked");
+    assert_eq!(index_of(&r), before);
+    // A registration wakes it (the agent syncs it to the catalog).
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            t.get(&format!(
+                "catalog/node-services/{node}?index={before}&wait=10s"
+            ))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        t.register(json!({"ID": id, "Name": id, "Tags": ["a"], "Port": 7000, "Meta": {"m": "1"}}));
+        h.join().expect("blocking thread")
+    });
+    assert!(index_of(&r) > before);
+    // A real agent may sync in more than one step: wait for the service itself.
+    vmesh_testkit::eventually(Duration::from_secs(5), "the service in the catalog", || {
+        let v = json_of(&t.get(&format!("catalog/node-services/{node}")));
+        match node_services_with(&v, &[&id]).first() {
+            Some(s) => {
+                assert_eq!(s["Service"], id.as_str());
+                assert_eq!(s["Tags"], json!(["a"]));
+                assert_eq!(s["Port"], 7000);
+                assert_eq!(s["Meta"], json!({"m": "1"}));
+                assert_eq!(s["Address"], "");
+                Ok(())
+            }
+            None => Err(format!("{v}")),
+        }
+    });
+}
+
+#[test]
+fn health_node_has_serf_health_and_blocks_on_check_changes() {
+    let t = Target::new("health-node");
+    let node = t.node_name();
+    let id = t.service_id("checked");
+    let check_id = format!("service:{id}");
+    let r = t.get(&format!("health/node/{node}"));
+    assert_eq!(r.status, 200);
+    let v = json_of(&r);
+    let serf = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|c| c["CheckID"] == "serfHealth")
+        .unwrap_or_else(|| panic!("serfHealth in {v}"))
+        .clone();
+    assert_eq!(serf["Status"], "passing");
+    assert_eq!(serf["Node"], node.as_str());
+    assert_eq!(serf["ServiceID"], "");
+    t.register(json!({"ID": id, "Name": id, "Port": 1, "Check": {"TTL": "30s"}}));
+    let find = |v: &Value| {
+        v.as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["CheckID"] == check_id.as_str())
+                .cloned()
+        })
+    };
+    let index = vmesh_testkit::eventually(Duration::from_secs(5), "the check in health", || {
+        let r = t.get(&format!("health/node/{node}"));
+        match find(&json_of(&r)) {
+            Some(c) if c["Status"] == "critical" => Ok(index_of(&r)),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| t.get(&format!("health/node/{node}?index={index}&wait=10s")));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            t.put(&format!("agent/check/pass/{check_id}"), b"").status,
+            200
+        );
+        h.join().expect("blocking thread")
+    });
+    assert!(index_of(&r) > index, "a check change moves the index");
+    vmesh_testkit::eventually(
+        Duration::from_secs(5),
+        "the check passing in health",
+        || {
+            let c = find(&json_of(&t.get(&format!("health/node/{node}"))));
+            match c {
+                Some(c) if c["Status"] == "passing" => {
+                    assert_eq!(c["ServiceName"], id.as_str());
+                    assert_eq!(c["Type"], "ttl");
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Common parameters
 
 #[test]
@@ -1166,4 +1567,80 @@ fn emulator_acl_denies_with_consul_message_and_filters_lists() {
     let r = t.req_token("GET", &format!("kv/{}?recurse", t.prefix), None, admin);
     assert_eq!(json_of(&r).as_array().map(Vec::len), Some(3));
     assert_eq!(r.header("x-consul-results-filtered-by-acls"), None);
+}
+
+#[test]
+fn emulator_agent_helpers_share_state_with_http() {
+    // Emulator only: register_service/set_check_status/deregister_service are Rust helpers.
+    let Some(t) = Target::emulator_only(
+        "agent-helpers",
+        "register_service/set_check_status/deregister_service",
+        ConsulOptions::default(),
+    ) else {
+        return;
+    };
+    let emu = t.emu();
+    let node = emu.node_name().to_owned();
+    let id = emu.register_service(
+        ServiceRegistration::new("web", 8080)
+            .with_id("web-1")
+            .with_tags(&["v1"])
+            .with_meta("k", "v")
+            .with_ttl_check(Duration::from_secs(30)),
+    );
+    assert_eq!(id, "web-1");
+    let s = json_of(&t.get("agent/services"))["web-1"].clone();
+    assert_eq!(
+        (s["Service"].as_str(), s["Port"].as_u64()),
+        (Some("web"), Some(8080))
+    );
+    assert_eq!(
+        emu.check_status("service:web-1"),
+        Some(CheckStatus::Critical)
+    );
+    let r = t.get(&format!("health/node/{node}"));
+    let cur = index_of(&r);
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| t.get(&format!("health/node/{node}?index={cur}&wait=10s")));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(emu.set_check_status("service:web-1", CheckStatus::Passing));
+        h.join().expect("blocking thread")
+    });
+    assert!(index_of(&r) > cur);
+    assert_eq!(t.agent_checks()["service:web-1"]["Status"], "passing");
+    assert!(!emu.set_check_status("nope", CheckStatus::Passing));
+    assert!(emu.deregister_service("web-1"));
+    assert!(emu.services().is_empty() && emu.checks().is_empty());
+    assert_eq!(json_of(&t.get("agent/services")), json!({}));
+}
+
+#[test]
+fn emulator_node_address_is_where_it_listens_and_what_it_reports() {
+    // Emulator only: node_address is an emulator option (a test "VM" on its own loopback).
+    let Some(t) = Target::emulator_only(
+        "node-address",
+        "ConsulOptions::node_address",
+        ConsulOptions {
+            node_name: "vm-2".into(),
+            node_address: std::net::IpAddr::from([127, 0, 0, 2]),
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    assert_eq!(t.emu().addr().ip().to_string(), "127.0.0.2");
+    let v = json_of(&t.get("agent/self"));
+    assert_eq!(v["Member"]["Addr"], "127.0.0.2");
+    assert_eq!(v["Config"]["NodeName"], "vm-2");
+    let v = json_of(&t.get("catalog/node-services/vm-2"));
+    assert_eq!(v["Node"]["Address"], "127.0.0.2");
+    assert_eq!(v["Services"], json!([]));
+    let v = json_of(&t.get("catalog/node-services/other-node"));
+    assert_eq!(
+        v["Node"],
+        Value::Null,
+        "another node is unknown to this agent"
+    );
+    let v = json_of(&t.get("health/node/other-node"));
+    assert_eq!(v, json!([]));
 }

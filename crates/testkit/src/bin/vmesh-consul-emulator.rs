@@ -30,8 +30,10 @@ request without a token gets the anonymous token's rules (--acl-anonymous, none 
                     \"keys\": {\"vmesh/\": \"write\"}, \"session_write\": true}],
        \"anonymous\": {\"keys\": {\"vmesh/config/\": \"read\"}}}
 
-Not implemented: /v1/agent/*, /v1/catalog/*, /v1/health/*, /v1/txn, /v1/acl/* (see
-docs/testing-consul.md)."
+Also serves one local agent's view: /v1/agent/self, services, checks, service/register,
+service/deregister, check/pass|warn|fail, and the blocking /v1/catalog/node-services/<node> and
+/v1/health/node/<node>. Not implemented: the rest of /v1/agent, /v1/catalog and /v1/health,
+/v1/txn, /v1/acl/* (see docs/testing-consul.md)."
 )]
 struct Args {
     /// Address to listen on.
@@ -44,9 +46,12 @@ struct Args {
     /// The datacenter name (`?dc=` naming another one gets 500 `No path to datacenter`).
     #[arg(long, default_value = "dc1")]
     datacenter: String,
-    /// The node sessions are created on.
+    /// The agent's node: sessions are created on it, agent services are registered on it.
     #[arg(long, default_value = "vmesh-consul-emulator")]
     node_name: String,
+    /// The node's address (`Member.Addr` in /v1/agent/self, `Node.Address` in the catalog).
+    #[arg(long, default_value = "127.0.0.1")]
+    node_address: std::net::IpAddr,
     /// Consul's `session_ttl_min`: shorter session TTLs are rejected (Go duration).
     #[arg(long, default_value = "10s", value_parser = parse_go_duration)]
     session_ttl_min: Duration,
@@ -143,6 +148,7 @@ async fn main() -> ExitCode {
     let opts = ConsulOptions {
         datacenter: args.datacenter,
         node_name: args.node_name,
+        node_address: args.node_address,
         acl,
         session_ttl_min: args.session_ttl_min,
         max_value_size: args.max_value_size,

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use super::acl::Authz;
+use super::agent::{AgentCheck, AgentService, CheckRegistration, CheckStatus, ServiceRegistration};
 use super::store::{KvEntry, NewSession, Session, SessionBehavior, Store};
 use super::util::{format_go_duration, parse_go_duration, percent_decode, random_u64, Query};
 use super::Shared;
@@ -176,6 +177,51 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
             _ => Reply::error(StatusCode::NOT_FOUND, "404 page not found"),
         };
         return reply.into_response();
+    }
+    if let Some(rest) = path.strip_prefix("/v1/agent/") {
+        let reply = match (rest, &method) {
+            ("self", &Method::GET) => agent_self(&sh),
+            ("services", &Method::GET) => agent_services(&sh),
+            ("checks", &Method::GET) => agent_checks(&sh),
+            ("service/register", &Method::PUT) => agent_register(&sh, &q, body).await,
+            ("self" | "services" | "checks" | "service/register", m) => method_not_allowed(m),
+            _ => {
+                if let Some(id) = rest.strip_prefix("service/deregister/") {
+                    match method {
+                        Method::PUT => agent_deregister(&sh, id),
+                        m => method_not_allowed(&m),
+                    }
+                } else if let Some((op, id)) = rest
+                    .strip_prefix("check/")
+                    .and_then(|r| r.split_once('/'))
+                    .filter(|(op, _)| matches!(*op, "pass" | "warn" | "fail"))
+                {
+                    match method {
+                        Method::PUT => agent_check_update(&sh, op, id, &q),
+                        m => method_not_allowed(&m),
+                    }
+                } else {
+                    Reply::error(StatusCode::NOT_FOUND, "404 page not found")
+                }
+            }
+        };
+        return reply.into_response();
+    }
+    if let Some(node) = path.strip_prefix("/v1/catalog/node-services/") {
+        let node = node.to_owned();
+        return match method {
+            Method::GET => catalog_node_services(&sh, &node, &q).await,
+            m => method_not_allowed(&m),
+        }
+        .into_response();
+    }
+    if let Some(node) = path.strip_prefix("/v1/health/node/") {
+        let node = node.to_owned();
+        return match method {
+            Method::GET => health_node(&sh, &node, &q).await,
+            m => method_not_allowed(&m),
+        }
+        .into_response();
     }
     Reply::error(StatusCode::NOT_FOUND, "404 page not found").into_response()
 }
@@ -410,6 +456,12 @@ async fn kv_put(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = declared.filter(|len| *len > max as u64) {
+        // Read (and drop) a moderately oversized body before answering, so a client still
+        // writing it gets the 413 rather than a broken pipe (under load the early answer and
+        // close raced with the client's write).
+        if len <= 16 * max as u64 {
+            let _ = axum::body::to_bytes(body, len as usize).await;
+        }
         return too_large(len);
     }
     let value: Bytes = match axum::body::to_bytes(body, max + 1).await {
@@ -627,7 +679,7 @@ async fn session_create(sh: &Arc<Shared>, authz: &Authz, body: Body) -> Reply {
         node_checks,
     };
     let id = sh.write(|st| st.session_create(new, Instant::now(), true));
-    sh.sessions_changed.notify_one();
+    sh.timers_changed.notify_one();
     Reply::json(json!({ "ID": id }))
 }
 
@@ -651,7 +703,7 @@ fn session_renew(sh: &Arc<Shared>, authz: &Authz, id: &str) -> Reply {
         ),
     };
     drop(st);
-    sh.sessions_changed.notify_one();
+    sh.timers_changed.notify_one();
     reply
 }
 
@@ -666,7 +718,7 @@ fn session_destroy(sh: &Arc<Shared>, authz: &Authz, id: &str) -> Reply {
         );
     }
     sh.write(|st| st.session_destroy(id, Instant::now()));
-    sh.sessions_changed.notify_one();
+    sh.timers_changed.notify_one();
     Reply::json(json!(true))
 }
 
@@ -696,6 +748,393 @@ async fn session_list(sh: &Arc<Shared>, authz: &Authz, q: &Query) -> Reply {
             .map(session_json)
             .collect();
         Reply::read(st.sessions_index.max(1), Value::Array(all))
+    })
+    .await
+}
+
+// ---- the local agent ----
+
+fn agent_self(sh: &Arc<Shared>) -> Reply {
+    let o = &sh.opts;
+    Reply::json(json!({
+        "Config": {
+            "Datacenter": o.datacenter,
+            "PrimaryDatacenter": o.datacenter,
+            "NodeName": o.node_name,
+            "NodeID": sh.node_id,
+            "Revision": "vmesh-emulator",
+            "Server": false,
+            "Version": "1.18.0",
+            "BuildDate": "2024-01-01T00:00:00Z",
+        },
+        "Member": {
+            "Name": o.node_name,
+            "Addr": o.node_address.to_string(),
+            "Port": 8301,
+            "Tags": {
+                "dc": o.datacenter,
+                "id": sh.node_id,
+                "role": "node",
+                "segment": "",
+            },
+            "Status": 1,
+            "ProtocolMin": 1,
+            "ProtocolMax": 5,
+            "ProtocolCur": 2,
+            "DelegateMin": 2,
+            "DelegateMax": 5,
+            "DelegateCur": 4,
+        },
+        "Meta": {"consul-network-segment": ""},
+    }))
+}
+
+fn weights_json(w: (u64, u64)) -> Value {
+    json!({"Passing": w.0, "Warning": w.1})
+}
+
+/// `GET /v1/agent/services` entry.
+fn agent_service_json(s: &AgentService, dc: &str) -> Value {
+    let mut v = json!({
+        "ID": s.id,
+        "Service": s.name,
+        "Tags": s.tags,
+        "Meta": s.meta,
+        "Port": s.port,
+        "Address": s.address,
+        "Weights": weights_json(s.weights),
+        "EnableTagOverride": s.enable_tag_override,
+        "Datacenter": dc,
+    });
+    if let (Some(t), Some(obj)) = (&s.tagged_addresses, v.as_object_mut()) {
+        obj.insert("TaggedAddresses".into(), Value::Object(t.clone()));
+    }
+    v
+}
+
+/// A check as the agent and health endpoints describe it (indexes 0 in the agent's view).
+fn check_json(c: &AgentCheck, node: &str, with_indexes: bool) -> Value {
+    json!({
+        "Node": node,
+        "CheckID": c.id,
+        "Name": c.name,
+        "Status": c.status.as_str(),
+        "Notes": c.notes,
+        "Output": c.output,
+        "ServiceID": c.service_id,
+        "ServiceName": c.service_name,
+        "ServiceTags": c.service_tags,
+        "Type": "ttl",
+        "Interval": "",
+        "Timeout": "",
+        "ExposedPort": 0,
+        "Definition": {},
+        "CreateIndex": if with_indexes { c.create_index } else { 0 },
+        "ModifyIndex": if with_indexes { c.modify_index } else { 0 },
+    })
+}
+
+fn agent_services(sh: &Arc<Shared>) -> Reply {
+    let st = sh.lock();
+    let map: serde_json::Map<String, Value> = st
+        .services
+        .values()
+        .map(|s| (s.id.clone(), agent_service_json(s, &sh.opts.datacenter)))
+        .collect();
+    Reply::json(Value::Object(map))
+}
+
+fn agent_checks(sh: &Arc<Shared>) -> Reply {
+    let st = sh.lock();
+    let map: serde_json::Map<String, Value> = st
+        .checks
+        .values()
+        .map(|c| (c.id.clone(), check_json(c, &sh.opts.node_name, false)))
+        .collect();
+    Reply::json(Value::Object(map))
+}
+
+/// Looks a field up case-insensitively, also accepting its snake_case spelling (Consul's
+/// decoder does both).
+fn field<'a>(obj: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
+    let snake: String = name
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let lower = c.to_ascii_lowercase();
+            if c.is_ascii_uppercase() && i > 0 {
+                vec!['_', lower]
+            } else {
+                vec![lower]
+            }
+        })
+        .collect();
+    obj.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name) || k.eq_ignore_ascii_case(&snake))
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_null())
+}
+
+fn str_field(obj: &serde_json::Map<String, Value>, name: &str) -> Result<String, String> {
+    match field(obj, name) {
+        None => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("{name}: expected a string, got {other}")),
+    }
+}
+
+fn parse_check(v: &Value) -> Result<CheckRegistration, String> {
+    let Value::Object(c) = v else {
+        return Err(format!("Check: expected an object, got {v}"));
+    };
+    let ttl_text = str_field(c, "TTL")?;
+    if ttl_text.is_empty() {
+        return Err(
+            "Invalid check: the emulator supports only TTL checks (TTL must be set)".to_owned(),
+        );
+    }
+    let ttl = parse_go_duration(&ttl_text)?;
+    if ttl.is_zero() {
+        return Err("Invalid check: TTL must be > 0 for TTL checks".to_owned());
+    }
+    let status = match str_field(c, "Status")?.as_str() {
+        "" => None,
+        s => Some(s.parse::<CheckStatus>()?),
+    };
+    let id = match str_field(c, "CheckID")? {
+        id if id.is_empty() => str_field(c, "ID")?,
+        id => id,
+    };
+    Ok(CheckRegistration {
+        id,
+        name: str_field(c, "Name")?,
+        ttl,
+        status,
+        notes: str_field(c, "Notes")?,
+    })
+}
+
+fn parse_registration(bytes: &[u8]) -> Result<ServiceRegistration, String> {
+    let obj = match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(other) => return Err(format!("expected an object, got {other}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut reg = ServiceRegistration::new(&str_field(&obj, "Name")?, 0);
+    reg.id = str_field(&obj, "ID")?;
+    reg.address = str_field(&obj, "Address")?;
+    if let Some(p) = field(&obj, "Port") {
+        reg.port = p
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| format!("Port: invalid port {p}"))?;
+    }
+    if let Some(t) = field(&obj, "Tags") {
+        reg.tags = t
+            .as_array()
+            .ok_or_else(|| format!("Tags: expected an array, got {t}"))?
+            .iter()
+            .map(|t| t.as_str().map(str::to_owned).ok_or(format!("Tags: {t}")))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(m) = field(&obj, "Meta") {
+        reg.meta = m
+            .as_object()
+            .ok_or_else(|| format!("Meta: expected an object, got {m}"))?
+            .iter()
+            .map(|(k, v)| {
+                v.as_str()
+                    .map(|v| (k.clone(), v.to_owned()))
+                    .ok_or(format!("Meta: {k}: {v}"))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(t) = field(&obj, "TaggedAddresses") {
+        let t = t
+            .as_object()
+            .ok_or_else(|| format!("TaggedAddresses: expected an object, got {t}"))?;
+        if !t.is_empty() {
+            reg.tagged_addresses = Some(t.clone());
+        }
+    }
+    if let Some(Value::Object(w)) = field(&obj, "Weights") {
+        let get = |n: &str| field(w, n).and_then(Value::as_u64);
+        reg.weights = (get("Passing").unwrap_or(1), get("Warning").unwrap_or(1));
+    }
+    reg.enable_tag_override = field(&obj, "EnableTagOverride")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Some(c) = field(&obj, "Check") {
+        reg.checks.push(parse_check(c)?);
+    }
+    if let Some(cs) = field(&obj, "Checks") {
+        for c in cs
+            .as_array()
+            .ok_or_else(|| format!("Checks: expected an array, got {cs}"))?
+        {
+            reg.checks.push(parse_check(c)?);
+        }
+    }
+    Ok(reg)
+}
+
+async fn agent_register(sh: &Arc<Shared>, q: &Query, body: Body) -> Reply {
+    let bytes = match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        }
+    };
+    let reg = match parse_registration(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        }
+    };
+    if reg.name.is_empty() {
+        return Reply::error(StatusCode::BAD_REQUEST, "Missing service name");
+    }
+    let replace = q.has("replace-existing-checks");
+    sh.write(|st| st.register_service(reg, replace, Instant::now()));
+    sh.timers_changed.notify_one();
+    empty_ok()
+}
+
+fn empty_ok() -> Reply {
+    Reply {
+        status: StatusCode::OK,
+        index: None,
+        body: ReplyBody::Empty,
+        filtered: false,
+    }
+}
+
+fn agent_deregister(sh: &Arc<Shared>, id: &str) -> Reply {
+    if sh.write(|st| st.deregister_service(id)) {
+        empty_ok()
+    } else {
+        Reply::error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "Unknown service ID {id:?}. Ensure that the service ID is passed, not the \
+                 service name."
+            ),
+        )
+    }
+}
+
+fn agent_check_update(sh: &Arc<Shared>, op: &str, id: &str, q: &Query) -> Reply {
+    let status = match op {
+        "pass" => CheckStatus::Passing,
+        "warn" => CheckStatus::Warning,
+        _ => CheckStatus::Critical,
+    };
+    let note = q.get("note").unwrap_or("");
+    let found = sh.write(|st| st.update_check(id, status, note, Instant::now()));
+    sh.timers_changed.notify_one();
+    if found {
+        empty_ok()
+    } else {
+        Reply::error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "Unknown check ID {id:?}. Ensure that the check ID is passed, not the check \
+                 name."
+            ),
+        )
+    }
+}
+
+// ---- blocking node views ----
+
+fn node_json(sh: &Shared, st: &Store) -> Value {
+    let addr = sh.opts.node_address.to_string();
+    json!({
+        "ID": sh.node_id,
+        "Node": sh.opts.node_name,
+        "Address": addr,
+        "Datacenter": sh.opts.datacenter,
+        "TaggedAddresses": {"lan": addr, "lan_ipv4": addr, "wan": addr, "wan_ipv4": addr},
+        "Meta": {"consul-network-segment": ""},
+        "CreateIndex": st.node_index.max(1),
+        "ModifyIndex": st.node_index.max(1),
+    })
+}
+
+fn catalog_service_json(s: &AgentService) -> Value {
+    let mut v = json!({
+        "ID": s.id,
+        "Service": s.name,
+        "Tags": s.tags,
+        "Address": s.address,
+        "Meta": s.meta,
+        "Port": s.port,
+        "Weights": weights_json(s.weights),
+        "EnableTagOverride": s.enable_tag_override,
+        "Proxy": {"Mode": "", "MeshGateway": {}, "Expose": {}},
+        "Connect": {},
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    });
+    if let (Some(t), Some(obj)) = (&s.tagged_addresses, v.as_object_mut()) {
+        obj.insert("TaggedAddresses".into(), Value::Object(t.clone()));
+    }
+    v
+}
+
+async fn catalog_node_services(sh: &Arc<Shared>, node: &str, q: &Query) -> Reply {
+    if node.is_empty() {
+        return Reply::error(StatusCode::BAD_REQUEST, "Missing node name");
+    }
+    blocking(sh, q, |st| {
+        let index = st.node_services_index();
+        if node != sh.opts.node_name {
+            return Reply::read(index, json!({"Node": null, "Services": null}));
+        }
+        let services: Vec<Value> = st.services.values().map(catalog_service_json).collect();
+        Reply::read(
+            index,
+            json!({"Node": node_json(sh, st), "Services": services}),
+        )
+    })
+    .await
+}
+
+async fn health_node(sh: &Arc<Shared>, node: &str, q: &Query) -> Reply {
+    if node.is_empty() {
+        return Reply::error(StatusCode::BAD_REQUEST, "Missing node name");
+    }
+    blocking(sh, q, |st| {
+        let index = st.node_checks_index();
+        if node != sh.opts.node_name {
+            return Reply::read(index, json!([]));
+        }
+        let mut checks = vec![json!({
+            "Node": node,
+            "CheckID": "serfHealth",
+            "Name": "Serf Health Status",
+            "Status": "passing",
+            "Notes": "",
+            "Output": "Agent alive and reachable",
+            "ServiceID": "",
+            "ServiceName": "",
+            "ServiceTags": [],
+            "Type": "",
+            "Interval": "",
+            "Timeout": "",
+            "ExposedPort": 0,
+            "Definition": {},
+            "CreateIndex": st.node_index.max(1),
+            "ModifyIndex": st.node_index.max(1),
+        })];
+        checks.extend(st.checks.values().map(|c| check_json(c, node, true)));
+        Reply::read(index, Value::Array(checks))
     })
     .await
 }

@@ -1,5 +1,6 @@
 //! A Consul HTTP API emulator for tests: the KV store (blocking queries, CAS, locks), sessions
-//! (TTL, lock-delay, release/delete behaviour) and optional ACLs, following Consul's documented
+//! (TTL, lock-delay, release/delete behaviour), one local agent's view (its services and TTL
+//! checks, the blocking node views of the catalog and health endpoints) and optional ACLs, following Consul's documented
 //! semantics. See `docs/testing-consul.md` for what it does and does not implement; the
 //! conformance tests in `tests/consul_conformance.rs` run the same checks against it and, with
 //! `CONSUL_HTTP_ADDR` set, against a real Consul.
@@ -14,12 +15,13 @@
 //! ```
 
 mod acl;
+mod agent;
 mod http;
 mod store;
 mod util;
 
 use std::future::IntoFuture;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 pub use acl::{AclConfig, AclRules, AclToken, KeyPolicy, ANONYMOUS_ACCESSOR_ID};
+pub use agent::{AgentCheck, AgentService, CheckRegistration, CheckStatus, ServiceRegistration};
 pub use store::{KvEntry, SessionBehavior};
 pub use util::{format_go_duration, new_uuid, parse_go_duration};
 
@@ -42,16 +45,22 @@ pub struct ConsulOptions {
     /// The datacenter this server is in; `?dc=` naming another gets 500 `No path to datacenter`.
     /// Default `dc1`.
     pub datacenter: String,
-    /// The one node sessions can be created on (the "agent's" node). Default
+    /// The node this emulator is the agent of: sessions are created on it and services
+    /// registered through `/v1/agent/service/register` live on it. Default
     /// `vmesh-consul-emulator`.
     pub node_name: String,
+    /// The node's address (`Member.Addr` in `/v1/agent/self`, `Node.Address` in the catalog
+    /// views; what an empty service `Address` means). Default `127.0.0.1`. Also where the
+    /// emulator listens unless `listen` says otherwise, so each test "VM" can be an emulator
+    /// on its own loopback address (`127.0.0.2`, …).
+    pub node_address: IpAddr,
     /// ACLs (default policy deny) when set; off when `None` (the default).
     pub acl: Option<AclConfig>,
     /// Consul's `session_ttl_min` server option: shorter session TTLs are rejected. Default 10 s.
     pub session_ttl_min: Duration,
     /// Consul's `kv_max_value_size`: larger PUT bodies get 413. Default 512 KiB.
     pub max_value_size: usize,
-    /// Where to listen; `None` (the default) means `127.0.0.1:<free port>`.
+    /// Where to listen; `None` (the default) means `<node_address>:<free port>`.
     pub listen: Option<SocketAddr>,
 }
 
@@ -60,6 +69,7 @@ impl Default for ConsulOptions {
         ConsulOptions {
             datacenter: "dc1".into(),
             node_name: "vmesh-consul-emulator".into(),
+            node_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             acl: None,
             session_ttl_min: Duration::from_secs(10),
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
@@ -71,11 +81,13 @@ impl Default for ConsulOptions {
 /// State shared by the HTTP handlers, the session reaper and the direct helpers.
 pub(crate) struct Shared {
     opts: ConsulOptions,
+    /// The node's ID (a random UUID, fixed for the emulator's lifetime).
+    node_id: String,
     store: Mutex<Store>,
     /// Carries the raft index; every applied write sends, waking blocking queries.
     changed: watch::Sender<u64>,
-    /// Wakes the session reaper when sessions (or their timers) change.
-    sessions_changed: Notify,
+    /// Wakes the reaper when sessions, TTL checks or their timers change.
+    timers_changed: Notify,
     failing: AtomicBool,
     requests: AtomicU64,
 }
@@ -102,7 +114,7 @@ struct Running {
     thread: JoinHandle<()>,
 }
 
-/// An in-process Consul HTTP API on 127.0.0.1, served from its own thread and tokio runtime (so
+/// An in-process Consul HTTP API (one agent on one node) on `node_address`, served from its own thread and tokio runtime (so
 /// synchronous tests can use it). The data lives outside the server: [`ConsulEmulator::stop`] and
 /// [`ConsulEmulator::restart`] take the listener down and up on the same port with the same data.
 /// Stops on drop.
@@ -132,7 +144,7 @@ impl ConsulEmulator {
     pub fn start_with(opts: ConsulOptions) -> ConsulEmulator {
         let bind = opts
             .listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            .unwrap_or_else(|| SocketAddr::new(opts.node_address, 0));
         let listener =
             TcpListener::bind(bind).unwrap_or_else(|e| panic!("consul emulator: bind {bind}: {e}"));
         let addr = listener
@@ -141,9 +153,10 @@ impl ConsulEmulator {
         let (changed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             opts,
+            node_id: new_uuid(),
             store: Mutex::new(Store::default()),
             changed,
-            sessions_changed: Notify::new(),
+            timers_changed: Notify::new(),
             failing: AtomicBool::new(false),
             requests: AtomicU64::new(0),
         });
@@ -213,7 +226,7 @@ impl ConsulEmulator {
         self.addr.port()
     }
 
-    /// `http://127.0.0.1:<port>` (what `CONSUL_HTTP_ADDR` would be).
+    /// `http://<addr>:<port>` (what `CONSUL_HTTP_ADDR` would be).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -321,6 +334,58 @@ impl ConsulEmulator {
     pub fn session_ids(&self) -> Vec<String> {
         self.shared.lock().sessions.keys().cloned().collect()
     }
+
+    /// The node's name (`ConsulOptions::node_name`).
+    pub fn node_name(&self) -> &str {
+        &self.shared.opts.node_name
+    }
+
+    /// The node's ID (`Config.NodeID` in `/v1/agent/self`): random, fixed for this emulator.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// Registers (or updates) a service and its TTL checks on the agent, as `PUT
+    /// /v1/agent/service/register` would (without `?replace-existing-checks`). Returns the
+    /// service ID. Wakes blocking queries if anything changed.
+    pub fn register_service(&self, reg: ServiceRegistration) -> String {
+        let id = self
+            .shared
+            .write(|st| st.register_service(reg, false, Instant::now()));
+        self.shared.timers_changed.notify_one();
+        id
+    }
+
+    /// Removes a service and its checks (`PUT /v1/agent/service/deregister/<id>`); returns
+    /// whether it existed.
+    pub fn deregister_service(&self, id: &str) -> bool {
+        self.shared.write(|st| st.deregister_service(id))
+    }
+
+    /// Sets a check's status as `PUT /v1/agent/check/pass|warn|fail/<id>` without a note would
+    /// (output emptied, TTL restarted); returns whether the check exists.
+    pub fn set_check_status(&self, check_id: &str, status: CheckStatus) -> bool {
+        let found = self
+            .shared
+            .write(|st| st.update_check(check_id, status, "", Instant::now()));
+        self.shared.timers_changed.notify_one();
+        found
+    }
+
+    /// The agent's services, by ID.
+    pub fn services(&self) -> Vec<AgentService> {
+        self.shared.lock().services.values().cloned().collect()
+    }
+
+    /// The agent's checks, by check ID.
+    pub fn checks(&self) -> Vec<AgentCheck> {
+        self.shared.lock().checks.values().cloned().collect()
+    }
+
+    /// A check's status, `None` if there is no such check.
+    pub fn check_status(&self, check_id: &str) -> Option<CheckStatus> {
+        self.shared.lock().checks.get(check_id).map(|c| c.status)
+    }
 }
 
 impl Drop for ConsulEmulator {
@@ -335,26 +400,32 @@ fn router(shared: Arc<Shared>) -> axum::Router {
         .with_state(shared)
 }
 
-/// Invalidates sessions whose TTL ran out: sleeps until the next expiry or until sessions change.
+/// Invalidates sessions and turns TTL checks critical when their TTL ran out: sleeps until the
+/// next expiry or until sessions or checks change.
 async fn session_reaper(shared: Arc<Shared>) {
     loop {
         let next = {
             let mut st = shared.lock();
             let before = st.raft_index;
-            st.expire_sessions(Instant::now());
+            let now = Instant::now();
+            st.expire_sessions(now);
+            st.expire_checks(now);
             if st.raft_index != before {
                 shared.changed.send_replace(st.raft_index);
             }
-            st.next_session_expiry()
+            match (st.next_session_expiry(), st.next_check_expiry()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
         match next {
             Some(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at.into()) => {}
-                    _ = shared.sessions_changed.notified() => {}
+                    _ = shared.timers_changed.notified() => {}
                 }
             }
-            None => shared.sessions_changed.notified().await,
+            None => shared.timers_changed.notified().await,
         }
     }
 }
@@ -369,9 +440,10 @@ pub async fn serve_standalone(
     let (changed, _) = watch::channel(0);
     let shared = Arc::new(Shared {
         opts,
+        node_id: new_uuid(),
         store: Mutex::new(Store::default()),
         changed,
-        sessions_changed: Notify::new(),
+        timers_changed: Notify::new(),
         failing: AtomicBool::new(false),
         requests: AtomicU64::new(0),
     });

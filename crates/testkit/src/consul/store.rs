@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use super::agent::{AgentCheck, AgentService};
 use super::util::new_uuid;
 
 /// Consul's cap on a session's lock delay.
@@ -83,6 +84,18 @@ pub(crate) struct Store {
     pub sessions: BTreeMap<String, Session>,
     /// Key → when its lock delay ends.
     pub lock_delays: HashMap<String, Instant>,
+    /// Index at which the agent's node (and its `serfHealth` check) was registered in the
+    /// catalog: 0 until the first agent write, which registers it first (as a Consul agent
+    /// does when it joins).
+    pub node_index: u64,
+    /// Index of the last change to the agent's services (the catalog's services table).
+    pub services_index: u64,
+    /// Index of the last change to the agent's checks (the catalog's checks table).
+    pub checks_index: u64,
+    /// The agent's services by ID.
+    pub services: BTreeMap<String, AgentService>,
+    /// The agent's (TTL) checks by check ID.
+    pub checks: BTreeMap<String, AgentCheck>,
 }
 
 fn under<'a, V>(
@@ -95,7 +108,7 @@ fn under<'a, V>(
 }
 
 impl Store {
-    fn next_index(&mut self) -> u64 {
+    pub(crate) fn next_index(&mut self) -> u64 {
         self.raft_index += 1;
         self.raft_index
     }
@@ -383,6 +396,17 @@ impl Store {
         clamp(&mut self.raft_index);
         clamp(&mut self.kv_index);
         clamp(&mut self.sessions_index);
+        clamp(&mut self.node_index);
+        clamp(&mut self.services_index);
+        clamp(&mut self.checks_index);
+        for s in self.services.values_mut() {
+            clamp(&mut s.create_index);
+            clamp(&mut s.modify_index);
+        }
+        for c in self.checks.values_mut() {
+            clamp(&mut c.create_index);
+            clamp(&mut c.modify_index);
+        }
         for e in self.kv.values_mut() {
             clamp(&mut e.create_index);
             clamp(&mut e.modify_index);
