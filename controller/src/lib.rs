@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod args;
+pub mod discovery;
 mod index;
 mod leader;
 mod metrics;
