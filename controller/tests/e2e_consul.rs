@@ -262,7 +262,13 @@ fn two_replicas_elect_one_status_writer_and_fail_over() {
             .then_some(())
             .ok_or(format!("leader {:?}", leader_id(&s.consul)))
     });
-    assert!(c.log().contains("became the leader"));
+    // The lock is visible in Consul a moment before the new leader logs that it took it.
+    eventually(DEADLINE, "replica-c to say it leads", || {
+        c.log()
+            .contains("became the leader")
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
     c.kill();
 }
 
