@@ -31,33 +31,8 @@ pub struct Args {
     #[arg(long, env = "VMESH_CONSUL")]
     pub consul: bool,
 
-    /// Consul's HTTP address.
-    #[arg(long, env = "CONSUL_HTTP_ADDR")]
-    pub consul_addr: Option<String>,
-
-    /// Consul ACL token (prefer --consul-token-file or the variable: a flag shows in `ps`).
-    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
-    pub consul_token: Option<String>,
-
-    /// File holding the Consul ACL token.
-    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
-    pub consul_token_file: Option<PathBuf>,
-
-    /// CA bundle to verify an https Consul with (the system's roots without it).
-    #[arg(long, env = "CONSUL_CACERT")]
-    pub consul_cacert: Option<PathBuf>,
-
-    /// Client certificate, for a Consul that verifies clients (with --consul-client-key).
-    #[arg(long, env = "CONSUL_CLIENT_CERT")]
-    pub consul_client_cert: Option<PathBuf>,
-
-    /// Client private key, for a Consul that verifies clients.
-    #[arg(long, env = "CONSUL_CLIENT_KEY")]
-    pub consul_client_key: Option<PathBuf>,
-
-    /// Consul datacenter to read from; the agent's own by default.
-    #[arg(long, env = "VMESH_CONSUL_DATACENTER")]
-    pub consul_datacenter: Option<String>,
+    #[command(flatten)]
+    pub consul_flags: vmesh_consul::ConsulFlags,
 
     /// Prefix of every vmesh key in Consul KV.
     #[arg(long, env = "VMESH_CONSUL_PREFIX", default_value = "vmesh")]
@@ -113,7 +88,10 @@ pub enum SourceChoice {
 
 impl Args {
     pub fn source(&self) -> SourceChoice {
-        match (&self.config_dir, self.consul || self.consul_addr.is_some()) {
+        match (
+            &self.config_dir,
+            self.consul || self.consul_flags.consul_addr.is_some(),
+        ) {
             (Some(dir), _) => SourceChoice::Dir(dir.clone()),
             (None, true) => SourceChoice::Consul,
             (None, false) => SourceChoice::Dir(PathBuf::from("examples/demo")),
@@ -121,15 +99,7 @@ impl Args {
     }
 
     pub fn consul_config(&self) -> Result<vmesh_consul::ConsulConfig, vmesh_consul::ConsulError> {
-        vmesh_consul::ConsulConfig::from_env(vmesh_consul::ConsulEnv {
-            http_addr: self.consul_addr.clone(),
-            http_token: self.consul_token.clone(),
-            http_token_file: self.consul_token_file.clone(),
-            cacert: self.consul_cacert.clone(),
-            client_cert: self.consul_client_cert.clone(),
-            client_key: self.consul_client_key.clone(),
-            datacenter: self.consul_datacenter.clone(),
-        })
+        self.consul_flags.config()
     }
 }
 

@@ -41,7 +41,7 @@ pub struct StatusArgs {
 
 impl StatusArgs {
     pub fn uses_consul(&self) -> bool {
-        self.consul || self.consul_args.consul_addr.is_some()
+        self.consul || self.consul_args.flags.consul_addr.is_some()
     }
 }
 

@@ -595,9 +595,11 @@ impl Kv for Racing<'_> {
 fn a_change_between_read_and_write_is_a_conflict() {
     let consul = ConsulEmulator::start();
     let args = ConsulArgs {
-        consul_addr: Some(consul.url()),
+        flags: vmesh_consul::ConsulFlags {
+            consul_addr: Some(consul.url()),
+            ..Default::default()
+        },
         prefix: "vmesh".into(),
-        ..ConsulArgs::default()
     };
     let layout = Layout::new("vmesh");
     let text = format!("{SHOP}---\n{UPSTREAM}---\n{GATEWAY}");

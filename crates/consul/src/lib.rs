@@ -4,10 +4,14 @@
 
 mod client;
 mod config;
+#[cfg(feature = "clap")]
+mod flags;
 pub mod watch;
 
 pub use client::{Client, Indexed, KvEntry, SessionRequest, WriteOptions};
 pub use config::{ConsulConfig, ConsulEnv};
+#[cfg(feature = "clap")]
+pub use flags::ConsulFlags;
 pub use watch::{KvWatch, Next, WatchConfig, WatchEvent};
 
 /// What went wrong talking to Consul. Messages never contain the ACL token.
