@@ -105,7 +105,22 @@ pub trait CertificateAuthority: Send + Sync {
         id: &SpiffeId,
         ttl: Duration,
     ) -> Result<IssuedCertificate, CaError>;
+
+    /// Signs the public key of a CSR for a controller's relay listener: a server certificate
+    /// whose only names are `dns_names` (agents verify [`CONTROLLER_SERVER_NAME`]). Like
+    /// [`sign`](Self::sign), the CSR's own names are ignored.
+    fn sign_server(
+        &self,
+        csr_der: &[u8],
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, CaError>;
 }
+
+/// The DNS name every controller's relay certificate carries and every agent verifies,
+/// whatever address it dials: the CA issues it only to controllers (agents' certificates carry a
+/// SPIFFE URI and client authentication only), so it names "a controller of this mesh".
+pub const CONTROLLER_SERVER_NAME: &str = "vmesh-controller";
 
 /// The embedded CA: an ECDSA P-256 root kept in the controller's data directory, or an
 /// operator-supplied CA certificate and key.
@@ -249,6 +264,67 @@ impl BuiltinCa {
                 trust_domain: self.trust_domain.clone(),
             });
         }
+        let uri = id
+            .to_string()
+            .as_str()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Signing(e.to_string()))?;
+        let extended_key_usages = match id.principal() {
+            // Agents only ever dial the controller.
+            Principal::Agent(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            // Workloads are both ends of mesh mTLS.
+            Principal::Service(_) => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        self.issue(
+            csr_der,
+            vec![SanType::URI(uri)],
+            extended_key_usages,
+            ttl,
+            now,
+        )
+    }
+
+    /// [`CertificateAuthority::sign_server`] at a given time.
+    pub fn sign_server_at(
+        &self,
+        csr_der: &[u8],
+        dns_names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, CaError> {
+        if dns_names.is_empty() {
+            return Err(CaError::Signing(
+                "a server certificate needs a DNS name".into(),
+            ));
+        }
+        let mut sans = Vec::with_capacity(dns_names.len());
+        for name in dns_names {
+            let dns = name
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| CaError::Signing(format!("DNS name {name:?}: {e}")))?;
+            sans.push(SanType::DnsName(dns));
+        }
+        self.issue(
+            csr_der,
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            ttl,
+            now,
+        )
+    }
+
+    fn issue(
+        &self,
+        csr_der: &[u8],
+        subject_alt_names: Vec<SanType>,
+        extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, CaError> {
         if ttl.is_zero() {
             return Err(CaError::InvalidTtl);
         }
@@ -272,25 +348,12 @@ impl BuiltinCa {
 
         let serial = random_serial()?;
         let mut params = CertificateParams::default();
-        // Empty subject: the identity is the URI SAN alone (rcgen then marks the SAN critical).
+        // Empty subject: the identity is in the SANs alone (rcgen then marks them critical).
         params.distinguished_name = DistinguishedName::new();
-        let uri = id
-            .to_string()
-            .as_str()
-            .try_into()
-            .map_err(|e: rcgen::Error| CaError::Signing(e.to_string()))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names = subject_alt_names;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match id.principal() {
-            // Agents only ever dial the controller.
-            Principal::Agent(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            // Workloads are both ends of mesh mTLS.
-            Principal::Service(_) => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        };
+        params.extended_key_usages = extended_key_usages;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = to_offset(not_before);
@@ -322,6 +385,54 @@ impl CertificateAuthority for BuiltinCa {
     ) -> Result<IssuedCertificate, CaError> {
         self.sign_at(csr_der, id, ttl, SystemTime::now())
     }
+
+    fn sign_server(
+        &self,
+        csr_der: &[u8],
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        self.sign_server_at(csr_der, dns_names, ttl, SystemTime::now())
+    }
+}
+
+/// A private key in PKCS#8 PEM. `Debug` prints `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKeyPem(String);
+
+impl PrivateKeyPem {
+    pub fn new(pem: impl Into<String>) -> Self {
+        PrivateKeyPem(pem.into())
+    }
+
+    /// The PEM text, to write to a 0600 file or hand to a TLS library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PrivateKeyPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKeyPem([redacted])")
+    }
+}
+
+/// A new ECDSA P-256 key pair and a CSR for it (DER). The CSR names nothing: the CA sets the
+/// identity. The key never leaves the machine that called this; only the CSR is sent.
+pub fn new_key_and_csr() -> Result<(PrivateKeyPem, Vec<u8>), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| CaError::Signing(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| CaError::Signing(e.to_string()))?;
+    Ok((PrivateKeyPem(key.serialize_pem()), csr.der().to_vec()))
+}
+
+/// PEM of DER certificates, in order.
+pub fn certificates_to_pem<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> String {
+    ders.into_iter().map(der_to_pem).collect()
 }
 
 /// The serial number of a DER certificate, in the format of [`IssuedCertificate::serial`].

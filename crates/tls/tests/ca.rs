@@ -426,3 +426,49 @@ fn from_certificate_der_needs_exactly_one_spiffe_uri() {
     ));
     assert!(SpiffeId::from_certificate_der(b"junk").is_err());
 }
+
+#[test]
+fn controller_server_certificate_verifies_for_its_dns_name_only() {
+    use rustls::client::danger::ServerCertVerifier as _;
+    let (_dir, ca) = new_ca("server");
+    let (key, csr) = vmesh_tls::new_key_and_csr().expect("key and csr");
+    assert!(!format!("{key:?}").contains("PRIVATE"), "key is redacted");
+    let issued = ca
+        .sign_server(
+            &csr,
+            &[vmesh_tls::CONTROLLER_SERVER_NAME.to_owned()],
+            DEFAULT_LEAF_TTL,
+        )
+        .expect("server certificate");
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.trust_bundle_pem().as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .expect("verifier");
+    let leaf = CertificateDer::from(issued.leaf_der());
+    let now = UnixTime::now();
+    let verify = |name: &str| {
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+        verifier.verify_server_cert(&leaf, &[], &name, &[], now)
+    };
+    verify(vmesh_tls::CONTROLLER_SERVER_NAME).expect("verifies as the controller");
+    assert!(verify("evil.example.com").is_err(), "no other name");
+
+    // The agent's client certificate cannot serve as a controller.
+    let id = SpiffeId::agent(TD, "dc1", "vm-1").expect("id");
+    let agent = ca
+        .sign(&simple_csr(), &id, DEFAULT_LEAF_TTL)
+        .expect("agent");
+    let agent_leaf = CertificateDer::from(agent.leaf_der());
+    let name =
+        rustls::pki_types::ServerName::try_from(vmesh_tls::CONTROLLER_SERVER_NAME).expect("name");
+    assert!(verifier
+        .verify_server_cert(&agent_leaf, &[], &name, &[], now)
+        .is_err());
+    assert!(ca.sign_server(&csr, &[], DEFAULT_LEAF_TTL).is_err());
+}
