@@ -1,6 +1,6 @@
-//! vmeshctl against Consul (the test kit's emulator): apply, get, delete and status as
-//! scripts use them, through the real binary; the CAS conflict through the library with the
-//! real client, another writer changing the key between the read and the write.
+//! vmeshctl against Consul (the test kit's emulator): apply, get, delete, status, token and
+//! agent as scripts use them, through the real binary; the CAS conflict through the library
+//! with the real client, another writer changing the key between the read and the write.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -653,4 +653,193 @@ fn a_change_between_read_and_write_is_a_conflict() {
     let e = vmeshctl::get::delete(&kv, &layout, &planned[0].key).expect_err("conflict");
     assert_eq!(exit_code(&e), 4, "{e:#}");
     assert!(value(&consul, "vmesh/config/Upstream/shop").is_some());
+}
+
+/// Every key and value under `prefix`, as text.
+fn kv_dump(consul: &ConsulEmulator, prefix: &str) -> String {
+    consul
+        .kv_list(prefix)
+        .into_iter()
+        .map(|e| format!("{}={}\n", e.key, String::from_utf8_lossy(&e.value)))
+        .collect()
+}
+
+#[test]
+fn token_create_list_revoke_and_agents() {
+    let consul = ConsulEmulator::start();
+
+    let out = ctl(&consul, &["token", "create"]);
+    assert_eq!(out.code, 0, "{out}");
+    let secret = out.stdout.trim_end().to_string();
+    assert!(secret.starts_with("vmbt_"), "{out}");
+    assert_eq!(out.stdout.lines().count(), 1, "the secret alone\n{out}");
+    assert!(out.stderr.contains("VMESH_AGENT_TOKEN"), "{out}");
+    assert!(out.stderr.contains("--token-file"), "{out}");
+    assert!(out.stderr.contains("unlimited uses"), "{out}");
+    let keys: Vec<String> = consul
+        .kv_list("vmesh/tokens/")
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let id = keys[0].trim_start_matches("vmesh/tokens/").to_string();
+    assert!(out.stderr.contains(&id), "the note names the id\n{out}");
+
+    let out = ctl(&consul, &["token", "list"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.starts_with("ID "), "{out}");
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("no row for {id}\n{out}"));
+    assert!(row.contains("unlimited"), "{row}");
+    assert!(row.ends_with("active"), "{row}");
+    let list_json = ctl(&consul, &["token", "list", "--format", "json"]);
+    assert_eq!(list_json.code, 0, "{list_json}");
+    let listed: serde_json::Value = serde_json::from_str(&list_json.stdout).expect("json");
+    assert_eq!(listed[0]["id"], id.as_str(), "{list_json}");
+    assert_eq!(listed[0]["state"], "active", "{list_json}");
+    assert!(listed[0]["expires_unix"].is_u64(), "default TTL 24h");
+    for text in [&out.stdout, &list_json.stdout, &kv_dump(&consul, "")] {
+        assert!(!text.contains(&secret), "the secret leaked: {text}");
+        assert!(!text.contains(&secret["vmbt_".len()..]), "{text}");
+    }
+    assert!(!list_json.stdout.contains("sha256"), "{list_json}");
+
+    // An agent registered with the token (as the controller records it).
+    let record = serde_json::json!({
+        "spiffe_id": "spiffe://vmesh/dc/dc1/agent/vm-1",
+        "token_id": id,
+        "address": "10.0.0.7",
+        "serial": "3f:0a",
+        "registered_unix": 1_800_000_000u64,
+        "not_after_unix": 1_800_086_400u64,
+    });
+    consul.kv_put("vmesh/agents/dc1/vm-1", record.to_string());
+    let out = ctl(&consul, &["agent", "list"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.starts_with("NODE"), "{out}");
+    let row = out.stdout.lines().nth(1).expect("a row");
+    assert!(row.starts_with("vm-1  dc1  10.0.0.7"), "{out}");
+    assert!(row.contains(&id) && row.ends_with("no"), "{out}");
+
+    let out = ctl(&consul, &["token", "revoke", &id]);
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(
+        out.stdout,
+        format!("bootstrap token {id} revoked\nagent spiffe://vmesh/dc/dc1/agent/vm-1 revoked\n"),
+        "{out}"
+    );
+    let out = ctl(&consul, &["token", "list"]);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with(&id) && l.ends_with("revoked")),
+        "{out}"
+    );
+    let out = ctl(&consul, &["agent", "list", "--format", "json"]);
+    let agents: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(agents[0]["node"], "vm-1", "{out}");
+    assert_eq!(agents[0]["address"], "10.0.0.7", "{out}");
+    assert_eq!(agents[0]["revoked"], true, "{out}");
+
+    let out = ctl(&consul, &["token", "revoke", "0123456789abcdef"]);
+    assert_eq!(out.code, 3, "{out}");
+    assert!(
+        out.stderr
+            .contains("no bootstrap token with id 0123456789abcdef"),
+        "{out}"
+    );
+
+    // Agents one by one; allow lifts a revocation, twice is not found.
+    let out = ctl(&consul, &["agent", "allow", "vm-1"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(
+        out.stdout, "agent spiffe://vmesh/dc/dc1/agent/vm-1 allowed\n",
+        "{out}"
+    );
+    assert!(consul.kv_get("vmesh/revoked/dc1/vm-1").is_none());
+    let out = ctl(&consul, &["agent", "allow", "vm-1"]);
+    assert_eq!(out.code, 3, "{out}");
+    let out = run(
+        &[
+            "agent",
+            "revoke",
+            "vm-2",
+            "--datacenter",
+            "dc2",
+            "--reason",
+            "lost laptop",
+        ],
+        Some(&consul.url()),
+        &[("VMESH_TRUST_DOMAIN", "example.org")],
+        None,
+    );
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(
+        out.stdout, "agent spiffe://example.org/dc/dc2/agent/vm-2 revoked\n",
+        "{out}"
+    );
+    assert!(out.stderr.contains("no agent is registered"), "{out}");
+    let stored = value(&consul, "vmesh/revoked/dc2/vm-2").expect("revocation");
+    let stored: serde_json::Value = serde_json::from_str(&stored).expect("json");
+    assert_eq!(
+        stored["spiffe_id"],
+        "spiffe://example.org/dc/dc2/agent/vm-2"
+    );
+    assert_eq!(stored["reason"], "lost laptop");
+    let out = ctl(&consul, &["agent", "list"]);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("vm-2  dc2  -") && l.ends_with("yes (lost laptop)")),
+        "{out}"
+    );
+    let out = ctl(&consul, &["agent", "revoke", "../x"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("invalid node name"), "{out}");
+}
+
+#[test]
+fn token_create_json_with_uses_and_bad_input() {
+    let consul = ConsulEmulator::start();
+    let out = ctl(
+        &consul,
+        &[
+            "token", "create", "--uses", "1", "--node", "vm-1", "--ttl", "1h", "--format", "json",
+            "--prefix", "mesh2",
+        ],
+    );
+    assert_eq!(out.code, 0, "{out}");
+    let created: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let secret = created["secret"].as_str().expect("secret");
+    assert!(secret.starts_with("vmbt_"), "{out}");
+    assert_eq!(created["uses"], 1, "{out}");
+    assert_eq!(created["node"], "vm-1", "{out}");
+    let id = created["id"].as_str().expect("id");
+    let stored = value(&consul, &format!("mesh2/tokens/{id}")).expect("stored under the prefix");
+    let record: serde_json::Value = serde_json::from_str(&stored).expect("json");
+    assert_eq!(record["expires_unix"], created["expires_unix"], "{stored}");
+    assert_eq!(record["uses_left"], 1, "{stored}");
+    assert!(!stored.contains(secret), "{stored}");
+
+    let out = ctl(&consul, &["token", "list", "--prefix", "mesh2"]);
+    assert!(out.stdout.contains(id), "{out}");
+    assert!(!out.stdout.contains(secret), "{out}");
+    let out = ctl(
+        &consul,
+        &["token", "create", "--ttl", "never", "-o", "json"],
+    );
+    assert_eq!(out.code, 0, "{out}");
+    let created: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert!(created["expires_unix"].is_null(), "{out}");
+    assert!(created["uses"].is_null(), "{out}");
+
+    let out = ctl(&consul, &["token", "create", "--ttl", "0"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("already expired"), "{out}");
+    let out = ctl(&consul, &["token", "create", "--uses", "0"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert_eq!(consul.kv_list("vmesh/").len(), 1, "nothing else written");
 }

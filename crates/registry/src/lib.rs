@@ -1,0 +1,641 @@
+//! vmesh-registry: the relay's records in Consul KV, shared by the controller (which redeems
+//! tokens, records agents and watches revocations) and `vmeshctl token` / `vmeshctl agent`.
+//!
+//! # KV layout (a contract: the controller, vmeshctl, the docs and ACL policies rely on it)
+//!
+//! | Key | Value |
+//! |---|---|
+//! | `<prefix>/tokens/<token-id>` | [`TokenRecord`] JSON: id, `created_unix`, `expires_unix`, `uses_left`, `node`, `revoked`, `secret_sha256`. Never the secret. |
+//! | `<prefix>/agents/<dc>/<node>` | [`AgentRecord`] JSON: `spiffe_id`, `token_id`, `address`, `serial`, `registered_unix`, `not_after_unix`. Written by the controller at registration and renewal. |
+//! | `<prefix>/revoked/<dc>/<node>` | [`Revocation`] JSON: `spiffe_id`, `revoked_unix`, `reason`. |
+//!
+//! The prefix is the controller's `--consul-prefix` (default `vmesh`).
+//!
+//! # Concurrency
+//!
+//! Every read-modify-write is a check-and-set on the ModifyIndex just read, retried after a
+//! fresh read when someone else wrote in between: two agents redeeming one single-use token at
+//! the same time never both succeed, and revoking a token never loses a concurrent redemption's
+//! count (or the other way round). A token is created with `cas=0`, so it never overwrites one.
+//!
+//! # Records that do not decode
+//!
+//! - `list_tokens`, `list_agents`, `list_revocations` and `watch_revoked` fail with
+//!   [`RegistryError::Corrupt`] naming the first such key: an incomplete deny list or listing
+//!   must not look complete.
+//! - `revoke_token` fails with `Corrupt` when the token's own record does not decode, and
+//!   (after revoking the token) when an agent record does not decode.
+//! - `redeem` skips records that do not decode (logging their keys): one bad key must not block
+//!   every registration. A skipped token cannot be redeemed.
+//!
+//! Errors never contain a secret or a hash.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use vmesh_consul::{Client, ConsulError, Indexed, KvEntry, WriteOptions};
+use vmesh_tls::tokens::{Secret, TokenError, TokenId, TokenInfo, TokenRecord, TokenStore};
+use vmesh_tls::{DenyList, SpiffeId};
+
+/// How many times a check-and-set write is retried after someone else wrote the key first.
+/// Each failed attempt means another writer succeeded, so this bounds contention, not time.
+const CAS_ATTEMPTS: usize = 16;
+
+/// Why a registry operation failed. Never contains a secret or a hash.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The token was refused (unknown, revoked, expired, ...) or does not exist.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    /// A stored value does not decode (or does not match its key).
+    #[error("{key}: invalid record: {message}")]
+    Corrupt { key: String, message: String },
+    /// A check-and-set write kept losing to other writers.
+    #[error("{key} kept changing while it was being updated; try again")]
+    Conflict { key: String },
+    /// Consul left out keys the ACL token may not read: the answer would be incomplete.
+    #[error("listing {prefix}: the ACL token may not read every key under it (Consul filtered the answer); it needs key_prefix \"{prefix}\" read")]
+    Incomplete { prefix: String },
+    /// An operation on agents was given a workload's identity.
+    #[error("{id} is not an agent identity (spiffe://<trust-domain>/dc/<dc>/agent/<node>)")]
+    NotAnAgent { id: String },
+}
+
+/// A registered agent: `<prefix>/agents/<dc>/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// `spiffe://<trust-domain>/dc/<dc>/agent/<node>`
+    pub spiffe_id: SpiffeId,
+    /// The bootstrap token it registered with (revoking the token revokes the agent).
+    pub token_id: TokenId,
+    /// The address it registered from, e.g. `10.0.0.7`.
+    pub address: String,
+    /// Serial of its current certificate, e.g. `3f:0a:..`.
+    pub serial: String,
+    pub registered_unix: u64,
+    /// When its current certificate expires.
+    pub not_after_unix: u64,
+}
+
+impl AgentRecord {
+    pub fn node(&self) -> &str {
+        self.spiffe_id.agent_node().unwrap_or_default()
+    }
+
+    pub fn dc(&self) -> &str {
+        self.spiffe_id.dc()
+    }
+}
+
+/// A revoked agent: `<prefix>/revoked/<dc>/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub spiffe_id: SpiffeId,
+    pub revoked_unix: u64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// What a token's state is at a given time, as `vmeshctl token list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenState {
+    Active,
+    Expired,
+    Exhausted,
+    Revoked,
+}
+
+impl TokenState {
+    /// Revoked first, then expired, then exhausted (the order `redeem` checks them in).
+    pub fn of(info: &TokenInfo, now: SystemTime) -> Self {
+        if info.revoked {
+            TokenState::Revoked
+        } else if info.expires.is_some_and(|e| now >= e) {
+            TokenState::Expired
+        } else if info.uses_left == Some(0) {
+            TokenState::Exhausted
+        } else {
+            TokenState::Active
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Active => "active",
+            TokenState::Expired => "expired",
+            TokenState::Exhausted => "exhausted",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for TokenState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The registry under one KV prefix.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    client: Client,
+    prefix: String,
+}
+
+impl Registry {
+    /// `prefix` is the controller's `--consul-prefix` (a trailing `/` is ignored).
+    pub fn new(client: Client, prefix: &str) -> Self {
+        Registry {
+            client,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// `<prefix>/tokens/`
+    pub fn tokens_prefix(&self) -> String {
+        format!("{}/tokens/", self.prefix)
+    }
+
+    /// `<prefix>/agents/`
+    pub fn agents_prefix(&self) -> String {
+        format!("{}/agents/", self.prefix)
+    }
+
+    /// `<prefix>/revoked/`
+    pub fn revoked_prefix(&self) -> String {
+        format!("{}/revoked/", self.prefix)
+    }
+
+    /// `<prefix>/tokens/<id>`
+    pub fn token_key(&self, id: &TokenId) -> String {
+        format!("{}{id}", self.tokens_prefix())
+    }
+
+    /// `<prefix>/agents/<dc>/<node>`
+    pub fn agent_key(&self, id: &SpiffeId) -> Result<String, RegistryError> {
+        Ok(format!("{}{}", self.agents_prefix(), dc_node(id)?))
+    }
+
+    /// `<prefix>/revoked/<dc>/<node>`
+    pub fn revocation_key(&self, id: &SpiffeId) -> Result<String, RegistryError> {
+        Ok(format!("{}{}", self.revoked_prefix(), dc_node(id)?))
+    }
+
+    /// Creates a token and stores its record (never overwriting one). Returns the id and the
+    /// secret, which is stored nowhere: show it once.
+    pub async fn create_token(
+        &self,
+        ttl: Option<Duration>,
+        uses: Option<u32>,
+        node: Option<String>,
+        now: SystemTime,
+    ) -> Result<(TokenId, Secret), RegistryError> {
+        let mut last_key = self.tokens_prefix();
+        for _ in 0..CAS_ATTEMPTS {
+            let mut store = TokenStore::new();
+            let (id, secret) = store.create(ttl, uses, node.clone(), now)?;
+            let Some(record) = store.record(&id) else {
+                return Err(TokenError::NotFound { id }.into());
+            };
+            let key = self.token_key(&id);
+            // cas=0: only if no token has this id (64 random bits, so practically always).
+            if self.put(&key, record.to_json(), Some(0)).await? {
+                return Ok((id, secret));
+            }
+            last_key = key;
+        }
+        Err(RegistryError::Conflict { key: last_key })
+    }
+
+    /// Every token, oldest first; never a secret or hash.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, RegistryError> {
+        let mut out = Vec::new();
+        for entry in self.list(&self.tokens_prefix()).await? {
+            out.push(decode_token(&self.tokens_prefix(), &entry)?.info);
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Marks the token revoked (it stays listed, so a later use gets a clear error), then
+    /// revokes every registered agent whose record names this token. Returns those agents,
+    /// including ones that were already revoked (their revocation is left as it was).
+    /// `Token(NotFound)` when there is no such token.
+    pub async fn revoke_token(
+        &self,
+        id: &TokenId,
+        now: SystemTime,
+    ) -> Result<Vec<SpiffeId>, RegistryError> {
+        if !is_valid_token_id(id) {
+            return Err(TokenError::NotFound { id: id.clone() }.into());
+        }
+        let key = self.token_key(id);
+        let mut revoked = false;
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = self
+                .client
+                .kv_get(&key)
+                .await?
+                .ok_or_else(|| TokenError::NotFound { id: id.clone() })?;
+            let mut record = decode_token(&self.tokens_prefix(), &entry)?;
+            if record.info.revoked {
+                revoked = true;
+                break;
+            }
+            record.info.revoked = true;
+            if self
+                .put(&key, record.to_json(), Some(entry.modify_index))
+                .await?
+            {
+                revoked = true;
+                break;
+            }
+        }
+        if !revoked {
+            return Err(RegistryError::Conflict { key });
+        }
+
+        let already: DenyList = deny_list(&self.list_revocations().await?);
+        let reason = format!("bootstrap token {id} revoked");
+        let mut agents = Vec::new();
+        for agent in self.list_agents().await? {
+            if agent.token_id != *id {
+                continue;
+            }
+            if !already.is_revoked(&agent.spiffe_id, "") {
+                self.revoke_agent(&agent.spiffe_id, &reason, now).await?;
+            }
+            agents.push(agent.spiffe_id);
+        }
+        Ok(agents)
+    }
+
+    /// Redeems a token for `node`: reads every token record, checks the secret in constant
+    /// time against all of them ([`TokenStore::redeem`]), and writes the counted-down record
+    /// back with a check-and-set at the ModifyIndex read. When someone else wrote it first,
+    /// reads again and retries. Returns the token's info after the redemption.
+    ///
+    /// Records that do not decode are skipped (and logged), so one bad key cannot block every
+    /// registration.
+    pub async fn redeem(
+        &self,
+        secret: &Secret,
+        node: &str,
+        now: SystemTime,
+    ) -> Result<TokenInfo, RegistryError> {
+        let folder = self.tokens_prefix();
+        for _ in 0..CAS_ATTEMPTS {
+            let mut indexes = BTreeMap::new();
+            let mut records = Vec::new();
+            for entry in self.list(&folder).await? {
+                match decode_token(&folder, &entry) {
+                    Ok(record) => {
+                        indexes.insert(record.info.id.clone(), entry.modify_index);
+                        records.push(record);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "skipping a bootstrap token record"),
+                }
+            }
+            let mut store = TokenStore::from_records(records);
+            let info = store.redeem(secret, node, now)?;
+            if info.uses_left.is_none() {
+                // Unlimited uses: nothing changed, nothing to write.
+                return Ok(info);
+            }
+            let (Some(record), Some(&index)) = (store.record(&info.id), indexes.get(&info.id))
+            else {
+                return Err(TokenError::Unknown.into());
+            };
+            if self
+                .put(&self.token_key(&info.id), record.to_json(), Some(index))
+                .await?
+            {
+                return Ok(info);
+            }
+            tracing::debug!(token = %info.id, "bootstrap token changed while redeeming it; retrying");
+        }
+        Err(RegistryError::Conflict {
+            key: folder.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Writes (or overwrites) an agent's record.
+    pub async fn record_agent(&self, record: &AgentRecord) -> Result<(), RegistryError> {
+        let key = self.agent_key(&record.spiffe_id)?;
+        self.put(&key, to_json(record), None).await?;
+        Ok(())
+    }
+
+    /// One agent's record, if it registered.
+    pub async fn agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, RegistryError> {
+        let key = self.agent_key(id)?;
+        match self.client.kv_get(&key).await? {
+            Some(entry) => Ok(Some(decode_agent(&self.agents_prefix(), &entry)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every registered agent, by datacenter and node.
+    pub async fn list_agents(&self) -> Result<Vec<AgentRecord>, RegistryError> {
+        let folder = self.agents_prefix();
+        self.list(&folder)
+            .await?
+            .iter()
+            .map(|e| decode_agent(&folder, e))
+            .collect()
+    }
+
+    /// Revokes an agent (registered or not): its certificates are refused from then on, and it
+    /// cannot register again until [`Registry::allow_agent`]. Revoking again replaces the
+    /// reason and time.
+    pub async fn revoke_agent(
+        &self,
+        id: &SpiffeId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<(), RegistryError> {
+        let key = self.revocation_key(id)?;
+        let revocation = Revocation {
+            spiffe_id: id.clone(),
+            revoked_unix: unix_secs(now),
+            reason: reason.to_owned(),
+        };
+        self.put(&key, to_json(&revocation), None).await?;
+        Ok(())
+    }
+
+    /// Lifts an agent's revocation. False when it was not revoked.
+    pub async fn allow_agent(&self, id: &SpiffeId) -> Result<bool, RegistryError> {
+        let key = self.revocation_key(id)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(entry) = self.client.kv_get(&key).await? else {
+                return Ok(false);
+            };
+            if self
+                .client
+                .kv_delete(&key, Some(entry.modify_index))
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Conflict { key })
+    }
+
+    /// Every revocation, by datacenter and node.
+    pub async fn list_revocations(&self) -> Result<Vec<Revocation>, RegistryError> {
+        let folder = self.revoked_prefix();
+        self.list(&folder)
+            .await?
+            .iter()
+            .map(|e| decode_revocation(&folder, e))
+            .collect()
+    }
+
+    /// Blocking read of `<prefix>/revoked/`: with `index`, waits until something under it
+    /// changes past that index or `wait` ends (a Consul blocking query), then returns the deny
+    /// list of every revoked agent and the index to block on next. Fails (rather than return
+    /// a shorter list) when a revocation does not decode or ACLs hide some.
+    pub async fn watch_revoked(
+        &self,
+        index: Option<u64>,
+        wait: Duration,
+    ) -> Result<Indexed<DenyList>, RegistryError> {
+        let folder = self.revoked_prefix();
+        let read = self.client.kv_list(&folder, index, wait).await?;
+        if read.filtered_by_acls {
+            return Err(RegistryError::Incomplete { prefix: folder });
+        }
+        let revocations = read
+            .value
+            .iter()
+            .filter(|e| !e.key.ends_with('/'))
+            .map(|e| decode_revocation(&folder, e))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Indexed {
+            index: read.index,
+            value: deny_list(&revocations),
+            filtered_by_acls: false,
+        })
+    }
+
+    /// Every entry under `folder` in key order, without folder placeholders (`a/b/`),
+    /// refusing an answer ACLs filtered.
+    async fn list(&self, folder: &str) -> Result<Vec<KvEntry>, RegistryError> {
+        let read = self.client.kv_list(folder, None, Duration::ZERO).await?;
+        if read.filtered_by_acls {
+            return Err(RegistryError::Incomplete {
+                prefix: folder.to_owned(),
+            });
+        }
+        let mut entries: Vec<KvEntry> = read
+            .value
+            .into_iter()
+            .filter(|e| !e.key.ends_with('/'))
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    async fn put(&self, key: &str, value: String, cas: Option<u64>) -> Result<bool, RegistryError> {
+        let options = WriteOptions {
+            cas,
+            ..WriteOptions::default()
+        };
+        Ok(self
+            .client
+            .kv_put(key, value.into_bytes(), &options)
+            .await?)
+    }
+}
+
+/// The deny list of these revocations (by identity).
+pub fn deny_list(revocations: &[Revocation]) -> DenyList {
+    let mut deny = DenyList::new();
+    for r in revocations {
+        deny.deny_id(r.spiffe_id.clone());
+    }
+    deny
+}
+
+/// Token ids are generated hex; anything else (`..`, `/`) cannot name one and must not be
+/// turned into a key.
+fn is_valid_token_id(id: &TokenId) -> bool {
+    let s = id.as_str();
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `<dc>/<node>` of an agent identity.
+fn dc_node(id: &SpiffeId) -> Result<String, RegistryError> {
+    let node = id
+        .agent_node()
+        .ok_or_else(|| RegistryError::NotAnAgent { id: id.to_string() })?;
+    Ok(format!("{}/{node}", id.dc()))
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn corrupt(entry: &KvEntry, message: impl Into<String>) -> RegistryError {
+    RegistryError::Corrupt {
+        key: entry.key.clone(),
+        message: message.into(),
+    }
+}
+
+fn utf8(entry: &KvEntry) -> Result<&str, RegistryError> {
+    std::str::from_utf8(&entry.value).map_err(|_| corrupt(entry, "the value is not UTF-8"))
+}
+
+fn decode_token(folder: &str, entry: &KvEntry) -> Result<TokenRecord, RegistryError> {
+    let record = TokenRecord::from_json(utf8(entry)?).map_err(|e| match e {
+        TokenError::Decode(m) => corrupt(entry, m),
+        other => corrupt(entry, other.to_string()),
+    })?;
+    let named = entry.key.strip_prefix(folder).unwrap_or_default();
+    if named != record.info.id.as_str() {
+        return Err(corrupt(
+            entry,
+            format!("the record is for token {:?}", record.info.id.as_str()),
+        ));
+    }
+    Ok(record)
+}
+
+/// Decodes an agent-keyed value and checks that `<dc>/<node>` of its key matches its identity.
+fn decode_keyed<T: serde::de::DeserializeOwned>(
+    folder: &str,
+    entry: &KvEntry,
+    id: impl Fn(&T) -> &SpiffeId,
+) -> Result<T, RegistryError> {
+    let value: T = serde_json::from_str(utf8(entry)?).map_err(|e| corrupt(entry, e.to_string()))?;
+    let spiffe_id = id(&value);
+    let named = entry.key.strip_prefix(folder).unwrap_or_default();
+    match dc_node(spiffe_id) {
+        Ok(expected) if expected == named => Ok(value),
+        Ok(_) => Err(corrupt(
+            entry,
+            format!("the record is for {spiffe_id}, which belongs under {folder}<dc>/<node>"),
+        )),
+        Err(e) => Err(corrupt(entry, e.to_string())),
+    }
+}
+
+fn decode_agent(folder: &str, entry: &KvEntry) -> Result<AgentRecord, RegistryError> {
+    decode_keyed(folder, entry, |a: &AgentRecord| &a.spiffe_id)
+}
+
+fn decode_revocation(folder: &str, entry: &KvEntry) -> Result<Revocation, RegistryError> {
+    decode_keyed(folder, entry, |r: &Revocation| &r.spiffe_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(revoked: bool, expires: Option<u64>, uses_left: Option<u32>) -> TokenInfo {
+        TokenInfo {
+            id: TokenId::new("ab"),
+            created: UNIX_EPOCH,
+            expires: expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            uses_left,
+            node: None,
+            revoked,
+        }
+    }
+
+    #[test]
+    fn token_state_follows_redeem_order() {
+        let now = UNIX_EPOCH + Duration::from_secs(100);
+        assert_eq!(
+            TokenState::of(&info(false, None, None), now),
+            TokenState::Active
+        );
+        assert_eq!(
+            TokenState::of(&info(false, Some(101), Some(1)), now),
+            TokenState::Active
+        );
+        assert_eq!(
+            TokenState::of(&info(false, Some(100), Some(0)), now),
+            TokenState::Expired
+        );
+        assert_eq!(
+            TokenState::of(&info(false, None, Some(0)), now),
+            TokenState::Exhausted
+        );
+        assert_eq!(
+            TokenState::of(&info(true, Some(1), Some(0)), now),
+            TokenState::Revoked
+        );
+        assert_eq!(TokenState::Exhausted.to_string(), "exhausted");
+    }
+
+    #[test]
+    fn token_ids_that_could_escape_the_folder_are_refused() {
+        assert!(is_valid_token_id(&TokenId::new("0123456789abcdef")));
+        for bad in ["", "..", "a/b", "../agents/dc1/x", "a b", "a?b"] {
+            assert!(!is_valid_token_id(&TokenId::new(bad)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_must_match_their_keys() {
+        let id = SpiffeId::agent("vmesh", "dc1", "vm-1").expect("id");
+        let revocation = Revocation {
+            spiffe_id: id.clone(),
+            revoked_unix: 5,
+            reason: "lost".into(),
+        };
+        let entry = |key: &str, value: Vec<u8>| KvEntry {
+            key: key.into(),
+            value,
+            create_index: 1,
+            modify_index: 1,
+            lock_index: 0,
+            flags: 0,
+            session: None,
+        };
+        let json = to_json(&revocation).into_bytes();
+        let folder = "vmesh/revoked/";
+        assert_eq!(
+            decode_revocation(folder, &entry("vmesh/revoked/dc1/vm-1", json.clone()))
+                .expect("decodes"),
+            revocation
+        );
+        let err = decode_revocation(folder, &entry("vmesh/revoked/dc1/vm-2", json)).unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::Corrupt { key, .. } if key == "vmesh/revoked/dc1/vm-2"),
+            "{err}"
+        );
+        let err =
+            decode_revocation(folder, &entry("vmesh/revoked/dc1/x", b"{".to_vec())).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("vmesh/revoked/dc1/x: invalid record"),
+            "{err}"
+        );
+        let service = SpiffeId::service("vmesh", "dc1", "web").expect("id");
+        assert!(matches!(
+            dc_node(&service),
+            Err(RegistryError::NotAnAgent { .. })
+        ));
+    }
+}
