@@ -30,6 +30,8 @@ pub struct AdminState {
     pub nacks: Arc<NackLog>,
     pub health: Arc<SourceHealth>,
     pub registry: Arc<Registry>,
+    /// The relay's agents, when the relay runs.
+    pub agents: Option<Arc<crate::relay::Hub>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -40,6 +42,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .route("/status/{kind}/{name}", get(status_one))
         .route("/config_dump", get(config_dump))
+        .route("/agents", get(agents))
         .with_state(state)
 }
 
@@ -214,4 +217,27 @@ fn render(r: &Resource) -> String {
         _ => return format!("{} bytes", bytes.len()),
     };
     text.unwrap_or_else(|e| format!("undecodable: {e}"))
+}
+
+/// The agents the relay knows: connected, or within their grace period.
+async fn agents(State(state): State<AdminState>) -> Response {
+    let Some(hub) = &state.agents else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the relay is off (start the controller with --relay-addr)\n",
+        )
+            .into_response();
+    };
+    let agents: Vec<serde_json::Value> = hub
+        .agents()
+        .into_iter()
+        .map(|(id, connected, instances)| {
+            serde_json::json!({
+                "spiffe_id": id.to_string(),
+                "connected": connected,
+                "instances": instances,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "agents": agents })).into_response()
 }

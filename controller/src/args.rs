@@ -63,6 +63,43 @@ pub struct Args {
     #[arg(long, env = "VMESH_DEBOUNCE", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
 
+    /// Address of the relay listener that `vmesh-agent`s register with and stream discovery to
+    /// (TLS; mutual TLS after registration). Off unless set; needs the Consul source, which
+    /// holds the bootstrap tokens and revocations.
+    #[arg(long, env = "VMESH_RELAY_ADDR")]
+    pub relay_addr: Option<SocketAddr>,
+
+    /// Directory of the controller's own state: the built-in CA (`ca/ca.key`, mode 0600, and
+    /// `ca/ca.pem`), created on first start. Not needed with --ca-cert and --ca-key.
+    #[arg(long, env = "VMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// PEM of an operator-supplied CA certificate (optionally followed by its issuers) that
+    /// signs agent and controller certificates. Every replica must use the same CA.
+    #[arg(long, env = "VMESH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PKCS#8 PEM private key of --ca-cert.
+    #[arg(long, env = "VMESH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// SPIFFE trust domain of the mesh: agents are `spiffe://<trust-domain>/dc/<dc>/agent/<node>`.
+    #[arg(long, env = "VMESH_TRUST_DOMAIN", default_value = "vmesh")]
+    pub trust_domain: String,
+
+    /// Lifetime of the client certificates issued to agents; they renew at half-life.
+    #[arg(long, env = "VMESH_AGENT_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub agent_cert_ttl: Duration,
+
+    /// How long the services of an agent that disconnected keep receiving traffic.
+    #[arg(long, env = "VMESH_DISCOVERY_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub discovery_grace: Duration,
+
+    /// After a start, how long to wait for the registered agents to report before serving
+    /// endpoints of Consul services (so a restart never serves an empty service).
+    #[arg(long, env = "VMESH_DISCOVERY_WARMUP", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub discovery_warmup: Duration,
+
     /// Log format.
     #[arg(long, env = "VMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -1,7 +1,7 @@
 //! Discovery from agents, merged into the catalog the translator reads.
 //!
-//! Pure state: the relay server (not built yet) will feed it what each agent's
-//! discovery stream holds, and publish [`DiscoveryMerger::catalog`] into the config.
+//! Pure state: the relay's hub (`relay::hub`) feeds it what each agent's discovery
+//! stream holds and publishes [`DiscoveryMerger::catalog`] into the config.
 //!
 //! - **Least privilege.** An agent speaks for its own node only: every instance it
 //!   reports is recorded on its node and datacenter (from its certificate, never from
@@ -49,7 +49,8 @@ struct AgentEntry {
 #[derive(Clone, Debug)]
 pub struct DiscoveryMerger {
     grace: Duration,
-    agents: BTreeMap<String, AgentEntry>,
+    /// By (datacenter, node).
+    agents: BTreeMap<(String, String), AgentEntry>,
 }
 
 impl DiscoveryMerger {
@@ -80,7 +81,7 @@ impl DiscoveryMerger {
         }
         instances.sort();
         self.agents.insert(
-            agent.node.clone(),
+            key(agent),
             AgentEntry {
                 instances,
                 gone_since: None,
@@ -90,15 +91,29 @@ impl DiscoveryMerger {
     }
 
     /// The agent's stream ended at `now`: its instances stay for the grace period.
-    pub fn disconnected(&mut self, node: &str, now: Instant) {
-        if let Some(a) = self.agents.get_mut(node) {
+    pub fn disconnected(&mut self, agent: &AgentIdentity, now: Instant) {
+        if let Some(a) = self.agents.get_mut(&key(agent)) {
             a.gone_since.get_or_insert(now);
         }
     }
 
     /// The agent's certificate was revoked: its instances go at once.
-    pub fn revoke(&mut self, node: &str) -> bool {
-        self.agents.remove(node).is_some()
+    pub fn revoke(&mut self, agent: &AgentIdentity) -> bool {
+        self.agents.remove(&key(agent)).is_some()
+    }
+
+    /// Whether the agent's instances are counted.
+    pub fn contains(&self, agent: &AgentIdentity) -> bool {
+        self.agents.contains_key(&key(agent))
+    }
+
+    /// How many agents are counted (connected, or within their grace period).
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
     }
 
     /// Drops agents disconnected for longer than the grace period. Returns whether any went.
@@ -130,6 +145,10 @@ impl DiscoveryMerger {
         }
         catalog
     }
+}
+
+fn key(agent: &AgentIdentity) -> (String, String) {
+    (agent.datacenter.clone(), agent.node.clone())
 }
 
 fn accept(
@@ -271,7 +290,7 @@ mod tests {
             &vm("vm-b", "127.0.0.3"),
             &[reported("w", "web", "", v1::Health::Passing)],
         );
-        m.disconnected("vm-a", t0);
+        m.disconnected(&vm("vm-a", "127.0.0.2"), t0);
         assert_eq!(m.next_expiry(), Some(t0 + Duration::from_secs(60)));
         assert!(!m.expire(t0 + Duration::from_secs(59)));
         assert_eq!(
@@ -292,7 +311,7 @@ mod tests {
         let t0 = Instant::now();
         let a = vm("vm-a", "127.0.0.2");
         m.update(&a, &[reported("w", "web", "", v1::Health::Passing)]);
-        m.disconnected("vm-a", t0);
+        m.disconnected(&vm("vm-a", "127.0.0.2"), t0);
         m.update(&a, &[reported("w", "web", "", v1::Health::Passing)]);
         assert!(!m.expire(t0 + Duration::from_secs(600)));
         assert_eq!(m.catalog().instances("web").len(), 1);
@@ -305,7 +324,7 @@ mod tests {
             &vm("vm-a", "127.0.0.2"),
             &[reported("w", "web", "", v1::Health::Passing)],
         );
-        assert!(m.revoke("vm-a"));
+        assert!(m.revoke(&vm("vm-a", "127.0.0.2")));
         assert!(m.catalog().instances("web").is_empty());
     }
 }

@@ -41,6 +41,11 @@ pub struct Index {
     snapshots: watch::Sender<Option<Arc<Snapshots>>>,
     published: watch::Sender<Option<Arc<Published>>>,
     metrics: Arc<Metrics>,
+    /// What agents report, put into every config before translation.
+    catalog: vmesh_model::Catalog,
+    /// Whether to publish nothing until the first catalog arrives (set when the relay runs, so a
+    /// restarted controller never serves Consul services without their endpoints).
+    awaiting_catalog: bool,
 }
 
 impl Index {
@@ -53,8 +58,16 @@ impl Index {
             snapshots,
             published,
             metrics,
+            catalog: vmesh_model::Catalog::default(),
+            awaiting_catalog: false,
         };
         (index, snapshots_rx, published_rx)
+    }
+
+    /// Publishes nothing until the first [`Change::Catalog`].
+    pub fn await_catalog(mut self) -> Self {
+        self.awaiting_catalog = true;
+        self
     }
 
     /// Applies events until every source is gone.
@@ -65,11 +78,12 @@ impl Index {
             while let Ok(more) = events.try_recv() {
                 changed |= self.apply(more);
             }
-            if !changed && generation > 0 {
+            if (!changed && generation > 0) || self.awaiting_catalog {
                 continue;
             }
             generation += 1;
-            let config = self.set.snapshot();
+            let mut config = self.set.snapshot();
+            config.catalog = self.catalog.clone();
             let source_errors = config.source_errors.clone();
             let started = Instant::now();
             // Translation is CPU work; keep it off the async workers that serve proxies.
@@ -118,6 +132,12 @@ impl Index {
                 Change::Remove { source } => {
                     self.revisions.remove(&source);
                     self.set.remove_source(&source)
+                }
+                Change::Catalog(catalog) => {
+                    let first = std::mem::take(&mut self.awaiting_catalog);
+                    let changed = catalog != self.catalog;
+                    self.catalog = catalog;
+                    changed || first
                 }
             };
         }

@@ -11,6 +11,7 @@ pub mod discovery;
 mod index;
 mod leader;
 mod metrics;
+mod relay;
 mod source;
 mod status;
 mod status_kv;
@@ -60,6 +61,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // Source → index → (snapshots, translation).
     let (events_tx, events_rx) = mpsc::channel(64);
     let (index, snapshots, published) = index::Index::new(metrics.clone());
+    let index = if args.relay_addr.is_some() {
+        index.await_catalog()
+    } else {
+        index
+    };
     let health = Arc::new(source::SourceHealth::new(
         metrics.source_up.clone(),
         metrics.source_errors.clone(),
@@ -67,8 +73,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let connections = Arc::new(Connections::default());
     let nacks = Arc::new(status::NackLog::default());
     let mut background = Vec::new();
+    let mut agents = None;
     match args.source() {
         SourceChoice::Dir(dir) => {
+            if args.relay_addr.is_some() {
+                anyhow::bail!(
+                    "--relay-addr needs the Consul source (--consul): bootstrap tokens and revoked agents are kept in Consul KV"
+                );
+            }
             info!(dir = %dir.display(), "reading config from a directory");
             let source = source::dir::DirSource::new(dir, args.debounce);
             tokio::spawn(
@@ -84,6 +96,29 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let config = args.consul_config().context("Consul")?;
             let client = vmesh_consul::Client::new(&config).context("Consul")?;
             let prefix = args.consul_prefix.trim_end_matches('/').to_string();
+            if let Some(addr) = args.relay_addr {
+                let settings = relay::RelaySettings {
+                    addr,
+                    data_dir: args.data_dir.clone(),
+                    ca_cert: args.ca_cert.clone(),
+                    ca_key: args.ca_key.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                    agent_cert_ttl: args.agent_cert_ttl,
+                    grace: args.discovery_grace,
+                    warmup: args.discovery_warmup,
+                };
+                let registry = vmesh_registry::Registry::new(client.clone(), &prefix);
+                let (hub, task) = relay::start(
+                    settings,
+                    registry,
+                    metrics.clone(),
+                    events_tx.clone(),
+                    shutdown.clone(),
+                )
+                .await?;
+                background.push(task);
+                agents = Some(hub);
+            }
             let source = source::consul::ConsulSource {
                 client: client.clone(),
                 prefix: prefix.clone(),
@@ -167,6 +202,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         nacks,
         health,
         registry: Arc::new(registry),
+        agents,
     });
     let admin = axum::serve(admin_listener, app).with_graceful_shutdown(stopped(shutdown.clone()));
 
@@ -184,7 +220,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stopped(mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 

@@ -29,6 +29,11 @@ pub struct ObjectLabels {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     pub streams: Family<ModeLabel, Gauge>,
     pub pushes: Family<TypeLabel, Counter>,
@@ -41,6 +46,13 @@ pub struct Metrics {
     pub proxies: Gauge,
     pub source_up: Gauge,
     pub source_errors: Counter,
+    pub relay_refused: Family<ReasonLabel, Counter>,
+    pub relay_registrations: Counter,
+    pub relay_renewals: Counter,
+    pub relay_agents_connected: Gauge,
+    pub relay_agents_known: Gauge,
+    pub relay_instances_refused: Counter,
+    pub relay_resyncs: Counter,
 }
 
 impl Metrics {
@@ -58,6 +70,13 @@ impl Metrics {
             proxies: Gauge::default(),
             source_up: Gauge::default(),
             source_errors: Counter::default(),
+            relay_refused: Family::default(),
+            relay_registrations: Counter::default(),
+            relay_renewals: Counter::default(),
+            relay_agents_connected: Gauge::default(),
+            relay_agents_known: Gauge::default(),
+            relay_instances_refused: Counter::default(),
+            relay_resyncs: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("vmesh");
         r.register("xds_streams", "Connected ADS streams", m.streams.clone());
@@ -107,7 +126,49 @@ impl Metrics {
             "Failed reads of the config source",
             m.source_errors.clone(),
         );
+        r.register(
+            "relay_refused",
+            "Relay handshakes, registrations, renewals and streams refused, by reason",
+            m.relay_refused.clone(),
+        );
+        r.register(
+            "relay_registrations",
+            "Agents registered with a bootstrap token",
+            m.relay_registrations.clone(),
+        );
+        r.register(
+            "relay_renewals",
+            "Agent certificates renewed",
+            m.relay_renewals.clone(),
+        );
+        r.register(
+            "relay_agents_connected",
+            "Agents with an open discovery stream",
+            m.relay_agents_connected.clone(),
+        );
+        r.register(
+            "relay_agents_known",
+            "Agents whose services are counted (connected, or within the grace period)",
+            m.relay_agents_known.clone(),
+        );
+        r.register(
+            "relay_instances_refused",
+            "Service instances refused because an agent may not report them (another node's address, bad port)",
+            m.relay_instances_refused.clone(),
+        );
+        r.register(
+            "relay_resyncs",
+            "Full discovery snapshots asked of agents after a gap in their changes",
+            m.relay_resyncs.clone(),
+        );
         m
+    }
+
+    /// Counts a refusal by the relay.
+    pub fn refused(&self, reason: &'static str) {
+        self.relay_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn translated(&self, took: Duration, translation: &Translation) {

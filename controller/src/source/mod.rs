@@ -38,6 +38,8 @@ pub enum Change {
     Remove {
         source: String,
     },
+    /// Every service instance the agents report (the relay's discovery), replacing the last.
+    Catalog(vmesh_model::Catalog),
 }
 
 /// A batch of changes, applied together. An empty batch says "the source is read, nothing changed".

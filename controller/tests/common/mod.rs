@@ -11,6 +11,8 @@ use serde_json::Value;
 use vmesh_testkit::{eventually, free_port, http_get, Envoy, Response};
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
+pub mod vm;
+
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A `vmesh-controller` process reading a temporary config directory.
@@ -91,6 +93,11 @@ impl Controller {
             c.wait_ready();
         }
         c
+    }
+
+    /// The temporary directory this controller owns.
+    pub fn base(&self) -> &Path {
+        &self.base
     }
 
     pub fn pid(&self) -> u32 {

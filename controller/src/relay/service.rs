@@ -1,0 +1,349 @@
+//! The relay's gRPC services: `Registration` (a bootstrap token and a CSR for a certificate) and
+//! `Relay` (renewal and the discovery stream, mutual TLS only).
+//!
+//! Every refusal has a gRPC status whose message says why (never echoing a secret), a warning in
+//! the log with the peer address, and a count in `vmesh_relay_refused_total{reason}`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument as _};
+use vmesh_proto::v1::registration_server::Registration;
+use vmesh_proto::v1::relay_server::Relay;
+use vmesh_proto::v1::{
+    AgentMessage, ControllerMessage, IssuedCertificate, RegisterRequest, RegisterResponse,
+    RenewRequest, RenewResponse,
+};
+use vmesh_registry::{AgentRecord, Registry, RegistryError};
+use vmesh_tls::tokens::{Secret, TokenError, TokenId};
+use vmesh_tls::{certificate_not_after, certificate_serial, CertificateAuthority, SpiffeId};
+
+use super::hub::Hub;
+use crate::metrics::Metrics;
+
+/// What both services share.
+pub struct RelayState {
+    pub hub: Arc<Hub>,
+    pub registry: Registry,
+    pub ca: Arc<dyn CertificateAuthority>,
+    pub trust_domain: String,
+    pub cert_ttl: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The peer of a call: its address and, if it presented one, its verified certificate chain.
+struct Peer {
+    addr: Option<SocketAddr>,
+    leaf: Option<Vec<u8>>,
+}
+
+impl Peer {
+    fn of<T>(request: &Request<T>) -> Peer {
+        let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        Peer {
+            addr: info.and_then(|i| i.get_ref().remote_addr()),
+            leaf: info
+                .and_then(|i| i.peer_certs())
+                .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec())),
+        }
+    }
+
+    fn ip(&self) -> Result<IpAddr, Status> {
+        self.addr
+            .map(|a| a.ip())
+            .ok_or_else(|| Status::internal("the relay connection has no peer address"))
+    }
+
+    fn describe(&self) -> String {
+        self.addr
+            .map_or_else(|| "unknown".into(), |a| a.to_string())
+    }
+}
+
+/// An agent identified by its client certificate.
+struct Authenticated {
+    id: SpiffeId,
+    serial: String,
+    not_after: SystemTime,
+}
+
+impl RelayState {
+    fn refuse(&self, reason: &'static str, peer: &Peer, status: Status) -> Status {
+        self.metrics.refused(reason);
+        warn!(peer = %peer.describe(), reason, error = %status.message(), "relay call refused");
+        status
+    }
+
+    /// The agent behind a mutual-TLS call. The handshake already verified the chain against the
+    /// mesh CA and the validity period; this reads the identity and checks the deny list.
+    fn authenticate(&self, peer: &Peer) -> Result<Authenticated, Status> {
+        let Some(leaf) = &peer.leaf else {
+            return Err(self.refuse(
+                "no_client_certificate",
+                peer,
+                Status::unauthenticated(
+                    "the relay needs a client certificate: register with a bootstrap token first",
+                ),
+            ));
+        };
+        let bad = |e: String| {
+            self.refuse(
+                "bad_certificate",
+                peer,
+                Status::unauthenticated(format!("client certificate: {e}")),
+            )
+        };
+        let id = SpiffeId::from_certificate_der(leaf).map_err(|e| bad(e.to_string()))?;
+        if !id.is_agent() || id.trust_domain() != self.trust_domain {
+            return Err(bad(format!(
+                "{id} is not an agent of trust domain {}",
+                self.trust_domain
+            )));
+        }
+        let serial = certificate_serial(leaf).map_err(|e| bad(e.to_string()))?;
+        let not_after = certificate_not_after(leaf).map_err(|e| bad(e.to_string()))?;
+        if self.hub.is_revoked(&id, &serial) {
+            return Err(self.refuse(
+                "revoked",
+                peer,
+                Status::permission_denied(format!(
+                    "agent {id} is revoked; re-admit it with `vmeshctl agent allow` and a new bootstrap token"
+                )),
+            ));
+        }
+        Ok(Authenticated {
+            id,
+            serial,
+            not_after,
+        })
+    }
+
+    /// Signs `csr_der` for `id` and records the agent. Returns what the agent stores.
+    async fn issue(
+        &self,
+        id: &SpiffeId,
+        csr_der: &[u8],
+        token_id: TokenId,
+        address: IpAddr,
+        peer: &Peer,
+    ) -> Result<IssuedCertificate, Status> {
+        let issued = self.ca.sign(csr_der, id, self.cert_ttl).map_err(|e| {
+            self.refuse("bad_request", peer, Status::invalid_argument(e.to_string()))
+        })?;
+        let record = AgentRecord {
+            spiffe_id: id.clone(),
+            token_id,
+            address: address.to_string(),
+            serial: issued.serial.clone(),
+            registered_unix: unix(SystemTime::now()),
+            not_after_unix: unix(issued.not_after),
+        };
+        self.registry
+            .record_agent(&record)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(IssuedCertificate {
+            certificate_chain_der: issued.chain_der,
+            trust_bundle_pem: self.ca.trust_bundle_pem().into_bytes(),
+            spiffe_id: id.to_string(),
+            not_after_unix: unix(issued.not_after) as i64,
+        })
+    }
+}
+
+fn unavailable(e: &RegistryError) -> Status {
+    warn!(error = %e, "the relay cannot reach its records in Consul");
+    Status::unavailable(format!("the controller cannot reach Consul: {e}"))
+}
+
+fn token_reason(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Unknown | TokenError::NotFound { .. } => "token_unknown",
+        TokenError::Revoked { .. } => "token_revoked",
+        TokenError::Expired { .. } => "token_expired",
+        TokenError::Exhausted { .. } => "token_exhausted",
+        TokenError::WrongNode { .. } => "token_wrong_node",
+        _ => "token_invalid",
+    }
+}
+
+#[derive(Clone)]
+pub struct RegistrationService(pub Arc<RelayState>);
+
+#[tonic::async_trait]
+impl Registration for RegistrationService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let state = &self.0;
+        let peer = Peer::of(&request);
+        let req = request.into_inner();
+        let id = SpiffeId::agent(&state.trust_domain, &req.datacenter, &req.node).map_err(|e| {
+            state.refuse(
+                "bad_request",
+                &peer,
+                Status::invalid_argument(format!(
+                    "node {:?} / datacenter {:?}: {e}",
+                    req.node, req.datacenter
+                )),
+            )
+        })?;
+        let address = peer.ip()?;
+        if state.hub.is_revoked(&id, "") {
+            return Err(state.refuse(
+                "revoked",
+                &peer,
+                Status::permission_denied(format!(
+                    "agent {id} is revoked; re-admit it with `vmeshctl agent allow` first"
+                )),
+            ));
+        }
+        let secret = Secret::new(req.token);
+        let token = match state
+            .registry
+            .redeem(&secret, &req.node, SystemTime::now())
+            .await
+        {
+            Ok(info) => info,
+            Err(RegistryError::Token(e)) => {
+                return Err(state.refuse(
+                    token_reason(&e),
+                    &peer,
+                    Status::permission_denied(e.to_string()),
+                ));
+            }
+            Err(e) => return Err(unavailable(&e)),
+        };
+        let certificate = state
+            .issue(&id, &req.csr_der, token.id.clone(), address, &peer)
+            .await?;
+        state.metrics.relay_registrations.inc();
+        info!(agent = %id, token = %token.id, peer = %peer.describe(), "agent registered");
+        Ok(Response::new(RegisterResponse {
+            certificate: Some(certificate),
+        }))
+    }
+}
+
+#[derive(Clone)]
+pub struct RelayService(pub Arc<RelayState>);
+
+type ControllerStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Relay for RelayService {
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let state = &self.0;
+        let peer = Peer::of(&request);
+        let agent = state.authenticate(&peer)?;
+        let address = peer.ip()?;
+        // The token it registered with stays on record: revoking the token revokes the agent.
+        let token_id = state
+            .registry
+            .agent(&agent.id)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .map(|r| r.token_id)
+            .unwrap_or_else(|| TokenId::new(""));
+        let certificate = state
+            .issue(
+                &agent.id,
+                &request.get_ref().csr_der,
+                token_id,
+                address,
+                &peer,
+            )
+            .await?;
+        state.metrics.relay_renewals.inc();
+        info!(agent = %agent.id, not_after_unix = certificate.not_after_unix, "agent certificate renewed");
+        Ok(Response::new(RenewResponse {
+            certificate: Some(certificate),
+        }))
+    }
+
+    type ConnectStream = ControllerStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let state = self.0.clone();
+        let peer = Peer::of(&request);
+        let agent = state.authenticate(&peer)?;
+        let address = peer.ip()?;
+        let attached = state
+            .hub
+            .attach(&agent.id, &agent.serial, address)
+            .map_err(|status| state.refuse("revoked", &peer, status))?;
+        info!(agent = %agent.id, peer = %peer.describe(), "agent connected");
+
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(64);
+        let span = tracing::info_span!("agent", id = %agent.id);
+        tokio::spawn(
+            async move {
+                let mut cancel = attached.cancel;
+                let expires = tokio::time::sleep(
+                    agent
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default(),
+                );
+                tokio::pin!(expires);
+                let reason = loop {
+                    tokio::select! {
+                        message = inbound.next() => match message {
+                            Some(Ok(message)) => {
+                                if let Some(reply) = state.hub.on_message(&agent.id, attached.stream, &message) {
+                                    if tx.send(Ok(reply)).await.is_err() {
+                                        break "the agent went away".to_owned();
+                                    }
+                                }
+                            }
+                            Some(Err(status)) => break format!("stream error: {}", status.message()),
+                            None => break "the agent closed the stream".to_owned(),
+                        },
+                        _ = cancel.changed() => {
+                            // The hub only ever sends a status, then forgets the stream.
+                            let status = cancel
+                                .borrow()
+                                .clone()
+                                .unwrap_or_else(|| Status::unavailable("stream closed by the controller"));
+                            let reason = status.message().to_owned();
+                            let _ = tx.send(Err(status)).await;
+                            break reason;
+                        }
+                        () = &mut expires => {
+                            state.metrics.refused("certificate_expired");
+                            let _ = tx.send(Err(Status::unauthenticated("the agent's certificate expired; renew it before it does"))).await;
+                            break "certificate expired".to_owned();
+                        }
+                        () = tx.closed() => break "the agent went away".to_owned(),
+                    }
+                };
+                state.hub.detach(&agent.id, attached.stream, Instant::now());
+                info!(%reason, "agent disconnected");
+            }
+            .instrument(span),
+        );
+        debug!("relay stream started");
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,323 @@
+//! The relay's security, end to end: a controller with its relay on, and clients that try what a
+//! stolen token, a foreign or expired certificate, a revoked agent or a compromised VM would.
+//! Each attempt must be refused with a clear message, a log line and a metric, and the
+//! controller must keep serving.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use common::vm::{create_token, RelayController};
+use common::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use vmesh_proto::v1::registration_client::RegistrationClient;
+use vmesh_proto::v1::relay_client::RelayClient;
+use vmesh_proto::v1::{
+    agent_message, controller_message, AgentMessage, DiscoverySnapshot, Health, Hello,
+    RegisterRequest, ServiceInstance,
+};
+use vmesh_testkit::consul::ConsulEmulator;
+use vmesh_testkit::{eventually, free_port, http_get};
+use vmesh_tls::{certificates_to_pem, new_key_and_csr, BuiltinCa, SpiffeId};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client certificate chain and key, PEM.
+struct ClientCert {
+    chain_pem: String,
+    key_pem: String,
+}
+
+/// A TLS channel to the relay from `bind`, trusting the controller's CA, with `cert` if given.
+async fn channel(
+    relay: &RelayController,
+    cert: Option<&ClientCert>,
+    bind: IpAddr,
+) -> Result<Channel, String> {
+    let ca = std::fs::read_to_string(relay.ca_file()).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(vmesh_tls::CONTROLLER_SERVER_NAME);
+    if let Some(c) = cert {
+        tls = tls.identity(Identity::from_pem(&c.chain_pem, &c.key_pem));
+    }
+    Endpoint::from_shared(format!("https://{}", relay.relay_addr()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .local_address(Some(bind))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Registers `node` with `token` from `bind`, as an agent would. Returns the certificate or the
+/// gRPC status.
+async fn register(
+    relay: &RelayController,
+    token: &str,
+    node: &str,
+    bind: IpAddr,
+) -> Result<ClientCert, tonic::Status> {
+    let (key, csr) = new_key_and_csr().unwrap();
+    let channel = channel(relay, None, bind).await.unwrap();
+    let response = RegistrationClient::new(channel)
+        .register(RegisterRequest {
+            token: token.to_owned(),
+            node: node.to_owned(),
+            datacenter: "dc1".to_owned(),
+            csr_der: csr,
+        })
+        .await?
+        .into_inner();
+    let issued = response.certificate.unwrap();
+    Ok(ClientCert {
+        chain_pem: certificates_to_pem(issued.certificate_chain_der.iter().map(Vec::as_slice)),
+        key_pem: key.expose().to_owned(),
+    })
+}
+
+/// Opens a discovery stream with `cert` and sends Hello and `instances` as the snapshot.
+/// Returns the first message the controller answers with, or the error.
+async fn report(
+    relay: &RelayController,
+    cert: Option<&ClientCert>,
+    bind: IpAddr,
+    instances: Vec<ServiceInstance>,
+) -> Result<controller_message::Message, String> {
+    let channel = channel(relay, cert, bind).await?;
+    let outbound = tokio_stream::iter(vec![
+        AgentMessage {
+            message: Some(agent_message::Message::Hello(Hello::default())),
+        },
+        AgentMessage {
+            message: Some(agent_message::Message::Snapshot(DiscoverySnapshot {
+                seq: 1,
+                instances,
+            })),
+        },
+    ]);
+    let mut inbound = RelayClient::new(channel)
+        .connect(outbound)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    match inbound.message().await {
+        Ok(Some(m)) => m.message.ok_or_else(|| "empty message".to_string()),
+        Ok(None) => Err("stream ended".into()),
+        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+#[test]
+fn bootstrap_tokens_are_refused_when_reused_expired_unknown_or_for_another_node() {
+    let consul = ConsulEmulator::start();
+    let relay = RelayController::start(&consul, &[]);
+    let rt = runtime();
+
+    // A single-use token works once.
+    let once = create_token(&consul, None, Some(1), None);
+    rt.block_on(register(&relay, &once, "vm-a", ip(71)))
+        .unwrap();
+    let reused = rt
+        .block_on(register(&relay, &once, "vm-b", ip(72)))
+        .err()
+        .unwrap();
+    assert_eq!(reused.code(), tonic::Code::PermissionDenied);
+    assert!(reused.message().contains("no uses left"), "{reused:?}");
+
+    // An expired token.
+    let short = create_token(&consul, Some(Duration::from_secs(1)), None, None);
+    let created = SystemTime::now();
+    eventually(Duration::from_secs(5), "the token to expire", || {
+        (created.elapsed().unwrap() >= Duration::from_secs(2))
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    let expired = rt
+        .block_on(register(&relay, &short, "vm-c", ip(73)))
+        .err()
+        .unwrap();
+    assert_eq!(expired.code(), tonic::Code::PermissionDenied);
+    assert!(expired.message().contains("expired"), "{expired:?}");
+
+    // A token bound to another node, and a made-up one.
+    let bound = create_token(&consul, None, None, Some("vm-d"));
+    let wrong_node = rt
+        .block_on(register(&relay, &bound, "vm-e", ip(74)))
+        .err()
+        .unwrap();
+    assert!(
+        wrong_node.message().contains("bound to node"),
+        "{wrong_node:?}"
+    );
+    let unknown = rt
+        .block_on(register(&relay, "vmbt_0000", "vm-f", ip(75)))
+        .err()
+        .unwrap();
+    assert!(unknown.message().contains("not recognised"), "{unknown:?}");
+    rt.block_on(register(&relay, &bound, "vm-d", ip(76)))
+        .unwrap();
+
+    for reason in [
+        "token_exhausted",
+        "token_expired",
+        "token_wrong_node",
+        "token_unknown",
+    ] {
+        assert_eq!(
+            relay.metric("vmesh_relay_refused_total", &format!("reason=\"{reason}\"")),
+            1.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(relay.metric("vmesh_relay_registrations_total", ""), 2.0);
+    let log = relay.controller.log();
+    assert_eq!(log.matches("relay call refused").count(), 4, "{log}");
+    for secret in [&once, &short, &bound] {
+        assert!(!log.contains(secret.as_str()), "a token secret was logged");
+    }
+    relay.assert_alive();
+}
+
+#[test]
+fn streams_without_a_valid_client_certificate_are_refused() {
+    let consul = ConsulEmulator::start();
+    let relay = RelayController::start(&consul, &[]);
+    let rt = runtime();
+    let id = SpiffeId::agent("vmesh", "dc1", "vm-g").unwrap();
+
+    // No client certificate at all.
+    let none = rt
+        .block_on(report(&relay, None, ip(81), Vec::new()))
+        .unwrap_err();
+    assert!(none.contains("Unauthenticated"), "{none}");
+    assert_eq!(
+        relay.metric("vmesh_relay_refused_total", "no_client_certificate"),
+        1.0
+    );
+
+    // A certificate for the right identity from another CA.
+    let other_dir = relay.controller.base().join("other-ca");
+    let other = BuiltinCa::load_or_create(&other_dir, "vmesh").unwrap();
+    let sign = |ca: &BuiltinCa, at: SystemTime| {
+        let (key, csr) = new_key_and_csr().unwrap();
+        let issued = ca.sign_at(&csr, &id, Duration::from_secs(60), at).unwrap();
+        ClientCert {
+            chain_pem: certificates_to_pem(issued.chain_der.iter().map(Vec::as_slice)),
+            key_pem: key.expose().to_owned(),
+        }
+    };
+    let foreign = sign(&other, SystemTime::now());
+    let refused = rt.block_on(report(&relay, Some(&foreign), ip(82), Vec::new()));
+    assert!(refused.is_err(), "{refused:?}");
+    eventually(DEADLINE, "the foreign certificate to be counted", || {
+        let n = relay.metric("vmesh_relay_refused_total", "unknown_ca");
+        (n == 1.0).then_some(()).ok_or(format!("{n}"))
+    });
+
+    // A certificate from the controller's own CA that expired three minutes ago (the CA itself
+    // is only minutes old).
+    let ca_dir = relay.ca_file().parent().unwrap().to_owned();
+    let own = BuiltinCa::load_or_create(&ca_dir, "vmesh").unwrap();
+    let stale = sign(&own, SystemTime::now() - Duration::from_secs(4 * 60));
+    let refused = rt.block_on(report(&relay, Some(&stale), ip(83), Vec::new()));
+    assert!(refused.is_err(), "{refused:?}");
+    eventually(DEADLINE, "the expired certificate to be counted", || {
+        let n = relay.metric("vmesh_relay_refused_total", "certificate_expired");
+        (n == 1.0).then_some(()).ok_or(format!("{n}"))
+    });
+
+    // The same CA, valid now: accepted.
+    let good = sign(&own, SystemTime::now());
+    let answer = rt
+        .block_on(report(&relay, Some(&good), ip(84), Vec::new()))
+        .unwrap();
+    assert!(
+        matches!(answer, controller_message::Message::DiscoveryAck(_)),
+        "{answer:?}"
+    );
+    let log = relay.controller.log();
+    assert!(log.contains("relay TLS handshake refused"), "{log}");
+    relay.assert_alive();
+}
+
+#[test]
+fn an_agent_may_not_report_another_machines_address() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    let put =
+        |what: &str, text: &str| consul.kv_put(&format!("vmesh/config/{what}"), text.as_bytes());
+    put("Gateway/edge", &gateway_doc(port, "gateway-proxy"));
+    put(
+        "Upstream/web",
+        "kind: Upstream\nname: web\nspec:\n  consul:\n    service: web\n",
+    );
+    put(
+        "VirtualService/web",
+        "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: web\n",
+    );
+    let relay = RelayController::start(&consul, &[]);
+    let rt = runtime();
+    let token = create_token(&consul, None, None, None);
+    // A compromised VM at 127.0.0.91 claims an instance at 127.0.0.92, another machine.
+    let cert = rt
+        .block_on(register(&relay, &token, "vm-h", ip(91)))
+        .unwrap();
+    let instance = |id: &str, address: &str| ServiceInstance {
+        id: id.into(),
+        service: "web".into(),
+        address: address.into(),
+        port: 8080,
+        health: Health::Passing as i32,
+        ..Default::default()
+    };
+    let answer = rt
+        .block_on(report(
+            &relay,
+            Some(&cert),
+            ip(91),
+            vec![
+                instance("steal", "127.0.0.92"),
+                instance("own", "127.0.0.91"),
+            ],
+        ))
+        .unwrap();
+    assert!(matches!(
+        answer,
+        controller_message::Message::DiscoveryAck(_)
+    ));
+    assert_eq!(relay.metric("vmesh_relay_instances_refused_total", ""), 1.0);
+    let log = relay.controller.log();
+    assert!(
+        log.contains("service instance refused") && log.contains("not the address of node vm-h"),
+        "{log}"
+    );
+    // Only the VM's own instance reaches Envoy's endpoints.
+    eventually(DEADLINE, "the VM's own instance to be served", || {
+        let dump = http_get(
+            &relay.controller.admin("/config_dump?proxy=gateway-proxy"),
+            &[],
+        )?;
+        if dump.body.contains("127.0.0.92") {
+            return Err("the stolen address is served".into());
+        }
+        dump.body
+            .contains("127.0.0.91")
+            .then_some(())
+            .ok_or_else(|| "no endpoint yet".to_string())
+    });
+    relay.assert_alive();
+}
