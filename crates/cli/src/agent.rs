@@ -11,7 +11,7 @@ use vmesh_registry::{AgentRecord, Revocation};
 use vmesh_tls::SpiffeId;
 
 use crate::consul::{ConsulArgs, Failure};
-use crate::token::{header, table, time, Conn, Format};
+use crate::token::{header, table, time, Conn, Format, ListArgs};
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
@@ -28,14 +28,6 @@ pub enum AgentCommand {
     Revoke(RevokeArgs),
     /// Lift a node's revocation.
     Allow(AllowArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct ListArgs {
-    #[arg(long, short = 'o', visible_alias = "output", value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-    #[command(flatten)]
-    pub consul: ConsulArgs,
 }
 
 /// Which agent: `spiffe://<trust-domain>/dc/<datacenter>/agent/<node>`.

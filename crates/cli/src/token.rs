@@ -75,6 +75,7 @@ pub struct CreateArgs {
     pub consul: ConsulArgs,
 }
 
+/// `token list` and `agent list`: where and how to print.
 #[derive(Args, Debug)]
 pub struct ListArgs {
     #[arg(long, short = 'o', visible_alias = "output", value_enum, default_value_t = Format::Text)]

@@ -56,11 +56,11 @@ pub struct Indexed<T> {
     pub filtered_by_acls: bool,
 }
 
-struct Answer {
-    status: StatusCode,
-    index: u64,
-    filtered: bool,
-    body: Bytes,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) index: u64,
+    pub(crate) filtered: bool,
+    pub(crate) body: Bytes,
 }
 
 /// Conditions of a KV write.
@@ -106,7 +106,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// How long a call may take beyond a blocking query's own wait.
-const SLACK: Duration = Duration::from_secs(10);
+pub(crate) const SLACK: Duration = Duration::from_secs(10);
 
 impl Client {
     pub fn new(config: &ConsulConfig) -> Result<Self, ConsulError> {
@@ -291,7 +291,7 @@ impl Client {
         }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,

@@ -2,12 +2,16 @@
 //! standard `CONSUL_*` variables ([`ConsulConfig`]), and the blocking-query watch as a
 //! pure state machine ([`KvWatch`]).
 
+mod agent;
 mod client;
 mod config;
 #[cfg(feature = "clap")]
 mod flags;
 pub mod watch;
 
+pub use agent::{
+    parse_agent_checks, parse_agent_self, parse_agent_services, AgentSelf, LocalCheck, LocalService,
+};
 pub use client::{Client, Indexed, KvEntry, SessionRequest, WriteOptions};
 pub use config::{ConsulConfig, ConsulEnv};
 #[cfg(feature = "clap")]
