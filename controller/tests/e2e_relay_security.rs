@@ -10,7 +10,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use common::vm::{create_token, RelayController};
+use common::vm::{create_token, route_to_consul_service, RelayController};
 use common::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use vmesh_proto::v1::registration_client::RegistrationClient;
@@ -224,8 +224,9 @@ fn streams_without_a_valid_client_certificate_are_refused() {
     let refused = rt.block_on(report(&relay, Some(&foreign), ip(82), Vec::new()));
     assert!(refused.is_err(), "{refused:?}");
     eventually(DEADLINE, "the foreign certificate to be counted", || {
+        // The client may try the handshake more than once.
         let n = relay.metric("vmesh_relay_refused_total", "unknown_ca");
-        (n == 1.0).then_some(()).ok_or(format!("{n}"))
+        (n >= 1.0).then_some(()).ok_or(format!("{n}"))
     });
 
     // A certificate from the controller's own CA that expired three minutes ago (the CA itself
@@ -237,7 +238,7 @@ fn streams_without_a_valid_client_certificate_are_refused() {
     assert!(refused.is_err(), "{refused:?}");
     eventually(DEADLINE, "the expired certificate to be counted", || {
         let n = relay.metric("vmesh_relay_refused_total", "certificate_expired");
-        (n == 1.0).then_some(()).ok_or(format!("{n}"))
+        (n >= 1.0).then_some(()).ok_or(format!("{n}"))
     });
 
     // The same CA, valid now: accepted.
@@ -258,17 +259,7 @@ fn streams_without_a_valid_client_certificate_are_refused() {
 fn an_agent_may_not_report_another_machines_address() {
     let consul = ConsulEmulator::start();
     let port = free_port();
-    let put =
-        |what: &str, text: &str| consul.kv_put(&format!("vmesh/config/{what}"), text.as_bytes());
-    put("Gateway/edge", &gateway_doc(port, "gateway-proxy"));
-    put(
-        "Upstream/web",
-        "kind: Upstream\nname: web\nspec:\n  consul:\n    service: web\n",
-    );
-    put(
-        "VirtualService/web",
-        "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: web\n",
-    );
+    route_to_consul_service(&consul, port, "gateway-proxy");
     let relay = RelayController::start(&consul, &[]);
     let rt = runtime();
     let token = create_token(&consul, None, None, None);

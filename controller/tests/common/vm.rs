@@ -99,6 +99,22 @@ impl RelayController {
     }
 }
 
+/// The routing config of the relay scenarios, in Consul KV: a gateway on `proxy` listening on
+/// `port`, and every request to the Consul service `web` (passing instances only).
+pub fn route_to_consul_service(consul: &ConsulEmulator, port: u16, proxy: &str) {
+    let put =
+        |what: &str, text: &str| consul.kv_put(&format!("vmesh/config/{what}"), text.as_bytes());
+    put("Gateway/edge", &super::gateway_doc(port, proxy));
+    put(
+        "Upstream/web",
+        "kind: Upstream\nname: web\nspec:\n  consul:\n    service: web\n",
+    );
+    put(
+        "VirtualService/web",
+        "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: web\n",
+    );
+}
+
 /// Creates a bootstrap token in Consul KV, as `vmeshctl token create` does. Returns the secret.
 pub fn create_token(
     consul: &ConsulEmulator,

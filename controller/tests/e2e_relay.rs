@@ -1,0 +1,351 @@
+//! End to end with agents: a controller reading Consul KV with its relay on, "VMs" that are each
+//! a local Consul agent (the test kit's emulator on its own loopback address) and a real
+//! `vmesh-agent`, echo services on the VMs, and a real Envoy routing to them.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::vm::{create_token, route_to_consul_service, RelayController, Vm};
+use common::*;
+use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ServiceRegistration};
+use vmesh_testkit::{eventually, free_port, EchoServer};
+use vmeshctl::bootstrap::Protocol;
+
+const PROXY: &str = "gateway-proxy";
+
+/// The routing config: every request to the Consul service `web`, passing instances only.
+fn routing(consul: &ConsulEmulator, port: u16) {
+    route_to_consul_service(consul, port, PROXY);
+}
+
+/// A VM running `web` (an echo server named `web@<vm>`) registered with a passing TTL check.
+struct WebVm {
+    vm: Vm,
+    echo: EchoServer,
+}
+
+impl WebVm {
+    fn new(n: u8) -> WebVm {
+        let vm = Vm::new(n);
+        let echo = vm.echo(&format!("web@vm-{n}"));
+        vm.register(
+            ServiceRegistration::new("web", echo.port())
+                .with_id("web-1")
+                .with_ttl_check(Duration::from_secs(3600)),
+        );
+        vm.consul
+            .set_check_status("service:web-1", CheckStatus::Passing);
+        WebVm { vm, echo }
+    }
+
+    fn set_health(&self, status: CheckStatus) {
+        assert!(self.vm.consul.set_check_status("service:web-1", status));
+    }
+}
+
+/// Which VMs served 30 requests in a row through Envoy.
+fn serving(port: u16) -> Result<BTreeSet<String>, String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        let r = get(port, "/", &[])?;
+        if r.status != 200 {
+            return Err(format!("status {}", r.status));
+        }
+        seen.insert(served_by(&r));
+    }
+    Ok(seen)
+}
+
+#[track_caller]
+fn wait_serving(port: u16, expected: &[&str]) {
+    let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+    eventually(
+        DEADLINE,
+        &format!("traffic to reach exactly {expected:?}"),
+        || {
+            let seen = serving(port)?;
+            (seen == expected)
+                .then_some(())
+                .ok_or(format!("served by {seen:?}"))
+        },
+    );
+}
+
+/// Requests sent continuously through Envoy while a scenario runs, counting failures.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match get(port, "/", &[]) {
+                    Ok(r) if r.status == 200 => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        failures.push(format!("{:?}", other.map(|r| r.status)));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            failures
+        });
+        Traffic {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until `n` more requests have succeeded.
+    fn wait_for(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        eventually(DEADLINE, &format!("{n} more successful requests"), || {
+            let ok = self.ok.load(Ordering::Relaxed);
+            (ok >= target)
+                .then_some(())
+                .ok_or(format!("{ok} of {target}"))
+        });
+    }
+
+    /// Stops and returns (succeeded, the failures).
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.thread.take().unwrap().join().unwrap();
+        assert_eq!(failures.len() as u64, self.failed.load(Ordering::Relaxed));
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+#[test]
+fn three_vms_register_change_health_and_deregister_through_a_real_envoy() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    routing(&consul, port);
+    let relay = RelayController::start(&consul, &[]);
+    let token = create_token(&consul, Some(Duration::from_secs(3600)), Some(3), None);
+    let mut vms: Vec<WebVm> = (1..=3).map(WebVm::new).collect();
+    for web in &mut vms {
+        web.vm.start_agent(&relay, &token, &[]);
+    }
+    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    wait_serving(port, &["web@vm-1", "web@vm-2", "web@vm-3"]);
+    assert!(relay.metric("vmesh_relay_registrations_total", "") >= 3.0);
+
+    // A failing health check takes the instance out of the rotation; passing brings it back.
+    vms[1].set_health(CheckStatus::Critical);
+    wait_serving(port, &["web@vm-1", "web@vm-3"]);
+    vms[1].set_health(CheckStatus::Warning);
+    wait_serving(port, &["web@vm-1", "web@vm-3"]);
+    vms[1].set_health(CheckStatus::Passing);
+    wait_serving(port, &["web@vm-1", "web@vm-2", "web@vm-3"]);
+
+    // Deregistering the service removes it; registering it again adds it back.
+    assert!(vms[2].vm.consul.deregister_service("web-1"));
+    wait_serving(port, &["web@vm-1", "web@vm-2"]);
+    vms[2]
+        .vm
+        .register(ServiceRegistration::new("web", vms[2].echo.port()).with_id("web-1"));
+    wait_serving(port, &["web@vm-1", "web@vm-2", "web@vm-3"]);
+
+    // A second instance on the same VM is another endpoint.
+    let second = vms[0].vm.echo("web2@vm-1");
+    vms[0]
+        .vm
+        .register(ServiceRegistration::new("web", second.port()).with_id("web-2"));
+    wait_serving(port, &["web@vm-1", "web2@vm-1", "web@vm-2", "web@vm-3"]);
+    assert_eq!(relay.metric("vmesh_relay_instances_refused_total", ""), 0.0);
+}
+
+#[test]
+fn a_killed_agent_keeps_its_endpoints_through_the_grace_period_then_loses_them() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    routing(&consul, port);
+    let grace = Duration::from_secs(4);
+    let relay = RelayController::start(&consul, &["--discovery-grace", "4s"]);
+    let token = create_token(&consul, None, None, None);
+    let mut vms: Vec<WebVm> = (21..=22).map(WebVm::new).collect();
+    for web in &mut vms {
+        web.vm.start_agent(&relay, &token, &[]);
+    }
+    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    wait_serving(port, &["web@vm-21", "web@vm-22"]);
+
+    vms[0].vm.kill_agent();
+    let killed = Instant::now();
+    eventually(DEADLINE, "the controller to see the agent go", || {
+        (relay.metric("vmesh_relay_agents_connected", "") == 1.0)
+            .then_some(())
+            .ok_or("still 2 connected".to_string())
+    });
+    // Within the grace period the VM keeps receiving traffic (its service still runs).
+    let seen = serving(port).unwrap();
+    assert!(
+        killed.elapsed() < grace,
+        "the check ran too late to mean anything"
+    );
+    assert!(
+        seen.contains("web@vm-21"),
+        "endpoints kept through the grace period: {seen:?}"
+    );
+    // Then they go.
+    wait_serving(port, &["web@vm-22"]);
+    assert!(
+        killed.elapsed() >= grace,
+        "removed before the grace period ended"
+    );
+    assert!(relay.controller.log().contains("grace period ended"));
+
+    // The agent comes back (with the certificate in its data dir, no token) and so does the VM.
+    vms[0].vm.start_agent(&relay, "", &[]);
+    wait_serving(port, &["web@vm-21", "web@vm-22"]);
+}
+
+#[test]
+fn a_restarted_controller_resyncs_the_agents_and_envoy_never_loses_endpoints() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    routing(&consul, port);
+    let mut relay = RelayController::start(&consul, &[]);
+    let token = create_token(&consul, None, None, None);
+    let mut vms: Vec<WebVm> = (31..=32).map(WebVm::new).collect();
+    for web in &mut vms {
+        web.vm.start_agent(&relay, &token, &[]);
+    }
+    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    wait_serving(port, &["web@vm-31", "web@vm-32"]);
+
+    let traffic = Traffic::start(port);
+    traffic.wait_for(20);
+    relay.controller.restart();
+    eventually(DEADLINE, "both agents to reconnect", || {
+        let n = relay.metric("vmesh_relay_agents_connected", "");
+        (n == 2.0).then_some(()).ok_or(format!("{n} connected"))
+    });
+    // Discovery flows again after the restart: a new instance is routed.
+    let extra = vms[1].vm.echo("web2@vm-32");
+    vms[1]
+        .vm
+        .register(ServiceRegistration::new("web", extra.port()).with_id("web-2"));
+    wait_serving(port, &["web@vm-31", "web@vm-32", "web2@vm-32"]);
+    traffic.wait_for(20);
+    let (ok, failures) = traffic.finish();
+    assert!(
+        ok >= 40,
+        "traffic flowed before and after the restart ({ok} requests)"
+    );
+    assert!(
+        failures.is_empty(),
+        "requests failed while the controller restarted: {failures:?}"
+    );
+}
+
+#[test]
+fn certificate_renewal_drops_no_stream_and_no_request() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    routing(&consul, port);
+    // Certificates live 6 s, so agents renew about every 3 s.
+    let relay = RelayController::start(&consul, &["--agent-cert-ttl", "6s"]);
+    let token = create_token(&consul, None, Some(1), None);
+    let mut web = WebVm::new(41);
+    web.vm.start_agent(&relay, &token, &[]);
+    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    wait_serving(port, &["web@vm-41"]);
+
+    let traffic = Traffic::start(port);
+    eventually(Duration::from_secs(30), "three renewals", || {
+        let n = relay.metric("vmesh_relay_renewals_total", "");
+        (n >= 3.0).then_some(()).ok_or(format!("{n} renewals"))
+    });
+    // Every stream was handed over before its certificate expired: the controller never had
+    // to cut one off, and the agent never needed its (single-use, spent) token again.
+    assert_eq!(
+        relay.metric("vmesh_relay_refused_total", "certificate_expired"),
+        0.0
+    );
+    assert_eq!(relay.metric("vmesh_relay_agents_connected", ""), 1.0);
+    // Discovery still flows on the renewed stream.
+    web.set_health(CheckStatus::Critical);
+    eventually(DEADLINE, "the VM to leave the rotation", || {
+        match get(port, "/", &[]) {
+            Ok(r) if r.status == 503 => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| r.status))),
+        }
+    });
+    web.set_health(CheckStatus::Passing);
+    wait_serving(port, &["web@vm-41"]);
+    let (ok, failures) = traffic.finish();
+    assert!(ok > 50, "{ok} requests");
+    // Failures are only the requests sent while the VM's health was critical on purpose.
+    assert!(
+        failures.iter().all(|f| f == "Ok(503)"),
+        "requests failed during renewals: {failures:?}"
+    );
+    assert_eq!(web.vm.agent_exit(), None, "the agent is still running");
+}
+
+#[test]
+fn a_revoked_agent_is_cut_off_and_its_endpoints_go_at_once() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    routing(&consul, port);
+    // A grace period far longer than the test: only revocation can remove the endpoints.
+    let relay = RelayController::start(&consul, &["--discovery-grace", "1h"]);
+    let token = create_token(&consul, None, None, None);
+    let mut vm = Vm::new(95);
+    let echo = vm.echo("web@vm-95");
+    vm.register(ServiceRegistration::new("web", echo.port()));
+    vm.start_agent(&relay, &token, &[]);
+    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    wait_served_by(port, "/", &[], "web@vm-95");
+
+    // `vmeshctl agent revoke vm-95`
+    let vmeshctl =
+        std::path::Path::new(env!("CARGO_BIN_EXE_vmesh-controller")).with_file_name("vmeshctl");
+    let out = std::process::Command::new(&vmeshctl)
+        .args(["agent", "revoke", "vm-95", "--consul-addr", &consul.url()])
+        .output()
+        .expect("run vmeshctl (build it with `cargo build -p vmeshctl`)");
+    assert!(out.status.success(), "{out:?}");
+
+    eventually(
+        DEADLINE,
+        "the revoked VM to leave the rotation",
+        || match get(port, "/", &[]) {
+            Ok(r) if r.status == 503 => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| (r.status, served_by(&r))))),
+        },
+    );
+    assert!(relay.metric("vmesh_relay_refused_total", "reason=\"revoked\"") >= 1.0);
+    eventually(DEADLINE, "the agent to say it was revoked", || {
+        vm.agent_log()
+            .contains("revoked")
+            .then_some(())
+            .ok_or_else(|| "no word of it yet".to_string())
+    });
+    // Its reconnects are refused too, and its certificate cannot be renewed.
+    assert_eq!(relay.metric("vmesh_relay_agents_connected", ""), 0.0);
+    let log = relay.controller.log();
+    assert!(log.contains("agent revoked"), "{log}");
+    relay.assert_alive();
+}
