@@ -447,18 +447,7 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| fail(&format!("/proc/{pid}/stat: {e}")));
-    // After the command name (in parentheses): utime is the 12th field, stime the 13th.
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (tick(11) + tick(12)) / clock_ticks()
+    support::proc_cpu_ticks(pid) as f64 / clock_ticks()
 }
 
 // ---------------------------------------------------------------------------------------------

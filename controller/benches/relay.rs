@@ -1,0 +1,1146 @@
+//! The relay: what 1,000 agents cost the controller, how fast a service registered on a VM is
+//! routed to by the edge Envoy, and what `vmesh-agent` itself costs.
+//!
+//! Run: `scripts/setup-envoy && cargo build --release -p vmesh-agent &&
+//! cargo bench -p vmesh-controller --bench relay`
+//! (`VMESH_BENCH_AGENTS=<n>` simulated agents, default 1000; `VMESH_BENCH_SAMPLES=<n>` samples
+//! per poll interval in part 2, default 100; `VMESH_BENCH_PARTS=1,2,3` which parts to run,
+//! default all; `VMESH_BENCH_LOG=<filter>` the controller's and agents' log filter, default
+//! `info`, and keeps their logs).
+//!
+//! 1. **1,000 simulated agents** (no agent binary): the release controller with its relay on,
+//!    reading Consul KV from the test kit's emulator (a Gateway, ten Upstreams on the Consul
+//!    services `svc-0..svc-9`, one VirtualService). In this process, on one tokio runtime, N
+//!    simulated agents, each a tonic mTLS client from its own loopback address `127.1.x.y`
+//!    (`Endpoint::local_address`; the controller accepts only instances at the connection's
+//!    source address): each registers (its own key and CSR, one unlimited bootstrap token), then
+//!    connects and sends `Hello` + a snapshot of 5 instances (services `svc-<(i+k) mod 10>`),
+//!    driven by `vmesh_proto::relay::AgentDiscovery`, and reconnects with the agent's backoff
+//!    (200 ms doubling up to 30 s, full jitter, reset by an ack) whenever its stream ends. Reports
+//!    the controller's RSS before and with N agents streaming, the time from the first connect
+//!    until every snapshot was acknowledged, its CPU over 10 s of steady state; then SIGKILLs
+//!    the controller, starts it again on the same ports and data dir, and reports the time until
+//!    `vmesh_relay_agents_connected` = N and every agent had its new snapshot acknowledged.
+//! 2. **service registered on a VM → routed by the edge Envoy**: a controller with a Gateway,
+//!    the Upstream `{consul: {service: web}}` and a VirtualService to it; one real Envoy; one
+//!    "VM" = an emulator as Consul agent of node `vm-1` at 127.0.0.11, a release `vmesh-agent`
+//!    next to it, and two echo servers on 127.0.0.11. Each sample registers `web` on the other
+//!    echo server and deregisters the previous instance, then polls through Envoy without
+//!    sleeping until an answer comes from the new echo server. Run with the agent's default
+//!    `--poll-interval 250ms` and with `50ms`.
+//! 3. **the agent's own cost**: a second VM (`vm-2`, 127.0.0.12) and agent (default poll
+//!    interval): VmRSS (highest of samples every 200 ms) and CPU (ticks from `/proc/<pid>/stat`
+//!    over the window) idle for 20 s, then with 100 services with TTL checks for 10 s
+//!    unchanged, and for 30 s while the health of a random 10 % of them flips every 2 s.
+//!
+//! Fails (never skips) when Envoy or the agent binary is missing, naming how to get them. Every
+//! wait is bounded.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use vmesh_proto::relay::AgentDiscovery;
+use vmesh_proto::v1::registration_client::RegistrationClient;
+use vmesh_proto::v1::relay_client::RelayClient;
+use vmesh_proto::v1::{AgentMessage, Health, RegisterRequest, ServiceInstance};
+use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ConsulOptions, ServiceRegistration};
+use vmesh_testkit::{envoy_binary, free_port, EchoServer, Envoy, HttpClient};
+use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
+
+mod support;
+use support::{env_count, fail, print_rows, proc_cpu_ticks, proc_status_kib, Gaps, Row};
+
+const PROXY: &str = "gateway-proxy";
+const PREFIX: &str = "vmesh/config/";
+const STARTUP: Duration = Duration::from_secs(60);
+/// The longest one change may take to show through Envoy before the run fails.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest the simulated agents may take to (re)connect and be acknowledged.
+const FLEET_TIMEOUT: Duration = Duration::from_secs(120);
+/// Linux's `CLK_TCK`.
+const TICKS_PER_SECOND: f64 = 100.0;
+const INSTANCES_PER_AGENT: usize = 5;
+const SERVICES: usize = 10;
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --benches` runs bench binaries without `--bench`: this one needs minutes,
+        // Envoy and the agent binary, so it only runs under `cargo bench`.
+        println!("relay: run with `cargo bench -p vmesh-controller --bench relay`");
+        return;
+    }
+    let agents = env_count("VMESH_BENCH_AGENTS", 1000);
+    let samples = env_count("VMESH_BENCH_SAMPLES", 100);
+    let parts = std::env::var("VMESH_BENCH_PARTS").unwrap_or_else(|_| "1,2,3".into());
+    let run = |p: &str| parts.split(',').any(|x| x.trim() == p);
+    if agents > 60_000 {
+        fail("VMESH_BENCH_AGENTS: at most 60,000 (one loopback address each)");
+    }
+    // Paths are checked before anything runs, so a missing binary fails at once.
+    let tools = (run("2") || run("3")).then(|| {
+        let envoy = envoy_binary().unwrap_or_else(|e| fail(&e));
+        (envoy, agent_binary())
+    });
+    eprintln!(
+        "relay: parts {parts}; {agents} simulated agents; {samples} samples per poll interval; started {}",
+        unix_now()
+    );
+    if run("1") {
+        fleet_bench(agents);
+    }
+    if let Some((envoy, agent)) = tools {
+        eprintln!(
+            "relay: envoy {}, agent {}",
+            envoy.display(),
+            agent.display()
+        );
+        let vm_bench = VmBench::start(&agent);
+        if run("2") {
+            vm_bench.routing(samples);
+        }
+        if run("3") {
+            vm_bench.agent_cost();
+        }
+    }
+}
+
+fn unix_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{} (unix)", now.as_secs())
+}
+
+fn log_filter() -> Option<String> {
+    std::env::var("VMESH_BENCH_LOG")
+        .ok()
+        .filter(|f| !f.is_empty())
+}
+
+/// The release `vmesh-agent`, next to the release `vmesh-controller` this bench starts.
+fn agent_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_vmesh-controller")).with_file_name("vmesh-agent");
+    if !path.exists() {
+        fail(&format!(
+            "{} is missing; build it: cargo build --release -p vmesh-agent",
+            path.display()
+        ));
+    }
+    path
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// xorshift64: a fixed, dependency-free pseudo-random sequence.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller
+
+fn put_config(consul: &ConsulEmulator, doc_kind: &str, name: &str, text: &str) {
+    consul.kv_put(&format!("{PREFIX}{doc_kind}/{name}"), text.as_bytes());
+}
+
+fn gateway(port: u16) -> String {
+    format!(
+        "kind: Gateway\nname: edge\nspec:\n  bindAddress: 127.0.0.1\n  bindPort: {port}\n  proxyNames: [{PROXY}]\n"
+    )
+}
+
+fn consul_upstream(name: &str) -> String {
+    format!("kind: Upstream\nname: {name}\nspec:\n  consul:\n    service: {name}\n")
+}
+
+/// A controller process with its relay on; killed and started again on the same ports and data
+/// directory by [`Controller::restart`].
+struct Controller {
+    child: Option<Child>,
+    args: Vec<String>,
+    dir: PathBuf,
+    log: PathBuf,
+    xds_port: u16,
+    admin_port: u16,
+    relay_port: u16,
+    admin_client: HttpClient,
+}
+
+impl Controller {
+    fn start(name: &str, consul_url: &str) -> Controller {
+        let (xds_port, admin_port, relay_port) = (free_port(), free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("vmesh-bench-relay-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+        let data = dir.join("data").display().to_string();
+        let args: Vec<String> = [
+            "--consul-addr",
+            consul_url,
+            "--id",
+            "bench",
+            "--xds-addr",
+            &format!("127.0.0.1:{xds_port}"),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+            "--relay-addr",
+            &format!("127.0.0.1:{relay_port}"),
+            "--data-dir",
+            &data,
+            "--trust-domain",
+            "vmesh",
+            "--log",
+            &log_filter().unwrap_or_else(|| "info".into()),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut c = Controller {
+            child: None,
+            args,
+            log: dir.join("controller.log"),
+            dir,
+            xds_port,
+            admin_port,
+            relay_port,
+            admin_client: HttpClient::with_timeout(Duration::from_secs(5), true),
+        };
+        c.spawn();
+        c.wait_listening(Instant::now());
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| fail(&format!("controller log: {e}")));
+        let err = log
+            .try_clone()
+            .unwrap_or_else(|e| fail(&format!("controller log: {e}")));
+        let child = Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| fail(&format!("start vmesh-controller: {e}")));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash or a lost machine would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map_or_else(|| fail("the controller is not running"), Child::id)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("data").join("ca").join("ca.pem")
+    }
+
+    fn relay_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.relay_port)
+    }
+
+    fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Waits (polling every 2 ms) until the CA exists and the relay accepts connections;
+    /// returns when it did.
+    fn wait_listening(&mut self, since: Instant) -> Instant {
+        loop {
+            if self.ca_file().exists()
+                && std::net::TcpStream::connect(("127.0.0.1", self.relay_port)).is_ok()
+            {
+                return Instant::now();
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                fail(&format!(
+                    "the controller exited ({status}); log {}",
+                    self.log.display()
+                ));
+            }
+            if since.elapsed() > STARTUP {
+                fail(&format!(
+                    "the relay did not listen within {STARTUP:?}; log {}",
+                    self.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// One metric of `/metrics`, summed over its label sets; `None` when the endpoint does not
+    /// answer.
+    fn metric(&self, name: &str) -> Option<f64> {
+        let text = self
+            .admin_client
+            .get(&self.admin("/metrics"), &[])
+            .ok()?
+            .body;
+        Some(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// From `/agents`: (agents connected, their instances in total).
+    fn agents(&self) -> (usize, u64) {
+        let v = self
+            .admin_client
+            .get(&self.admin("/agents"), &[])
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| fail(&format!("/agents: {e}")));
+        let list = v["agents"].as_array().cloned().unwrap_or_default();
+        let connected: Vec<_> = list.iter().filter(|a| a["connected"] == true).collect();
+        let instances = connected
+            .iter()
+            .filter_map(|a| a["instances"].as_u64())
+            .sum();
+        (connected.len(), instances)
+    }
+
+    /// Waits until `name` reads `want`.
+    fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> Instant {
+        let t0 = Instant::now();
+        loop {
+            let v = self.metric(name);
+            if v == Some(want) {
+                return Instant::now();
+            }
+            if t0.elapsed() > timeout {
+                fail(&format!(
+                    "{name} was {v:?}, not {want}, after {timeout:?}; log {}",
+                    self.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Creates a bootstrap token with unlimited uses and no expiry in the registry the
+    /// controller reads, as `vmeshctl token create` does. Returns the secret.
+    fn create_token(consul: &ConsulEmulator, rt: &tokio::runtime::Runtime) -> String {
+        let config = vmesh_consul::ConsulConfig::from_env(vmesh_consul::ConsulEnv {
+            http_addr: Some(consul.url()),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| fail(&format!("consul config: {e}")));
+        let client = vmesh_consul::Client::new(&config)
+            .unwrap_or_else(|e| fail(&format!("consul client: {e}")));
+        let registry = vmesh_registry::Registry::new(client, "vmesh");
+        let (_, secret) = rt
+            .block_on(registry.create_token(None, None, None, SystemTime::now()))
+            .unwrap_or_else(|e| fail(&format!("create a bootstrap token: {e}")));
+        secret.expose().to_owned()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() || log_filter().is_some() {
+            eprintln!("relay: controller log kept: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 1: simulated agents
+
+/// What the simulated agents report back to the bench.
+struct Fleet {
+    /// Bumped by the bench before it kills the controller: a stream opened after that talks to
+    /// the new process.
+    epoch: AtomicU64,
+    base: Instant,
+    /// Per agent: 1 + the epoch of the last stream whose snapshot was acknowledged (0: none).
+    acked_epoch: Vec<AtomicU64>,
+    /// Per agent: when (µs after `base`).
+    acked_at: Vec<AtomicU64>,
+    connect_failures: AtomicU64,
+    streams: AtomicU64,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Fleet {
+        Fleet {
+            epoch: AtomicU64::new(0),
+            base: Instant::now(),
+            acked_epoch: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            acked_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            connect_failures: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, agent: usize, epoch: u64) {
+        let at = self.base.elapsed().as_micros() as u64;
+        self.acked_at[agent].store(at, Ordering::SeqCst);
+        self.acked_epoch[agent].store(epoch + 1, Ordering::SeqCst);
+    }
+
+    /// How many agents had a snapshot acknowledged on a stream of `epoch`, and when the last of
+    /// them was.
+    fn acked(&self, epoch: u64) -> (usize, Instant) {
+        let mut n = 0;
+        let mut last = self.base;
+        for (e, at) in self.acked_epoch.iter().zip(&self.acked_at) {
+            if e.load(Ordering::SeqCst) == epoch + 1 {
+                n += 1;
+                last = last.max(self.base + Duration::from_micros(at.load(Ordering::SeqCst)));
+            }
+        }
+        (n, last)
+    }
+
+    /// Waits (2 ms polls) until all agents were acknowledged on a stream of `epoch`; returns
+    /// when the last one was.
+    fn wait_all(&self, epoch: u64, controller: &Controller) -> Instant {
+        let t0 = Instant::now();
+        loop {
+            let (n, last) = self.acked(epoch);
+            if n == self.acked_epoch.len() {
+                return last;
+            }
+            if t0.elapsed() > FLEET_TIMEOUT {
+                fail(&format!(
+                    "only {n} of {} simulated agents were acknowledged within {FLEET_TIMEOUT:?} ({} failed connects); log {}",
+                    self.acked_epoch.len(),
+                    self.connect_failures.load(Ordering::SeqCst),
+                    controller.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Agent `i`'s source address: 127.1.x.y.
+fn sim_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8))
+}
+
+fn sim_instances(i: usize) -> Vec<ServiceInstance> {
+    (0..INSTANCES_PER_AGENT)
+        .map(|k| {
+            let service = format!("svc-{}", (i + k) % SERVICES);
+            ServiceInstance {
+                id: format!("{service}-{k}"),
+                service,
+                address: sim_ip(i).to_string(),
+                port: 8000 + k as u32,
+                health: Health::Passing as i32,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn tls(ca_pem: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(vmesh_tls::CONTROLLER_SERVER_NAME);
+    match identity {
+        Some((chain, key)) => tls.identity(Identity::from_pem(chain, key)),
+        None => tls,
+    }
+}
+
+fn endpoint(relay_addr: &str, tls: ClientTlsConfig, bind: IpAddr) -> Endpoint {
+    Endpoint::from_shared(format!("https://{relay_addr}"))
+        .and_then(|e| e.tls_config(tls))
+        .unwrap_or_else(|e| fail(&format!("relay endpoint: {e}")))
+        .local_address(Some(bind))
+        .connect_timeout(Duration::from_secs(5))
+}
+
+/// Registers simulated agent `i` (node `sim-<i>`) with `token`; returns its endpoint with the
+/// issued certificate.
+async fn register(
+    relay_addr: String,
+    ca_pem: Arc<String>,
+    token: Arc<String>,
+    i: usize,
+) -> Result<Endpoint, String> {
+    let (key, csr) = vmesh_tls::new_key_and_csr().map_err(|e| e.to_string())?;
+    let channel = endpoint(&relay_addr, tls(&ca_pem, None), sim_ip(i))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let issued = RegistrationClient::new(channel)
+        .register(RegisterRequest {
+            token: token.to_string(),
+            node: format!("sim-{i}"),
+            datacenter: "dc1".into(),
+            csr_der: csr,
+        })
+        .await
+        .map_err(|s| format!("register: {:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .certificate
+        .ok_or("register: no certificate")?;
+    let chain =
+        vmesh_tls::certificates_to_pem(issued.certificate_chain_der.iter().map(Vec::as_slice));
+    Ok(endpoint(
+        &relay_addr,
+        tls(&ca_pem, Some((&chain, key.expose()))),
+        sim_ip(i),
+    ))
+}
+
+/// One simulated agent: connects, streams, and reconnects with the agent's backoff whenever the
+/// stream ends, until the runtime is shut down.
+async fn sim_agent(i: usize, endpoint: Endpoint, fleet: Arc<Fleet>) {
+    let mut discovery = AgentDiscovery::new("bench");
+    let _ = discovery.on_local(sim_instances(i));
+    let mut rng = XorShift::new(i as u64 + 1);
+    let mut failures: u32 = 0;
+    loop {
+        let epoch = fleet.epoch.load(Ordering::SeqCst);
+        match sim_stream(i, &endpoint, &mut discovery, &fleet, epoch).await {
+            Ok(true) => failures = 0,
+            Ok(false) => {}
+            Err(_) => {
+                fleet.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        discovery.on_disconnect();
+        failures = failures.saturating_add(1);
+        let full = Duration::from_millis(200)
+            .saturating_mul(1 << (failures - 1).min(10))
+            .min(Duration::from_secs(30));
+        // Full jitter, as `vmesh-agent`'s backoff: uniform in [0, ceiling].
+        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 + 1));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One stream: Hello + snapshot, then answers the controller until the stream ends. Returns
+/// whether the snapshot was acknowledged.
+async fn sim_stream(
+    i: usize,
+    endpoint: &Endpoint,
+    discovery: &mut AgentDiscovery,
+    fleet: &Fleet,
+    epoch: u64,
+) -> Result<bool, String> {
+    let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    for m in discovery.on_connect(BTreeMap::new()) {
+        tx.send(m).await.map_err(|e| e.to_string())?;
+    }
+    let snapshot_seq = discovery.last_sent_seq();
+    let mut inbound = RelayClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    fleet.streams.fetch_add(1, Ordering::Relaxed);
+    let mut acked = false;
+    while let Ok(Some(message)) = inbound.message().await {
+        for reply in discovery.on_controller(&message) {
+            if tx.send(reply).await.is_err() {
+                return Ok(acked);
+            }
+        }
+        if !acked && discovery.last_acked_seq() >= snapshot_seq {
+            acked = true;
+            fleet.record(i, epoch);
+        }
+    }
+    Ok(acked)
+}
+
+fn fleet_bench(n: usize) {
+    let consul = ConsulEmulator::start();
+    put_config(&consul, "Gateway", "edge", &gateway(free_port()));
+    let mut routes = String::new();
+    for s in 0..SERVICES {
+        let name = format!("svc-{s}");
+        put_config(&consul, "Upstream", &name, &consul_upstream(&name));
+        routes.push_str(&format!(
+            "    - match: {{prefix: /{name}/}}\n      upstream: {name}\n"
+        ));
+    }
+    put_config(
+        &consul,
+        "VirtualService",
+        "sim",
+        &format!("kind: VirtualService\nname: sim\nspec:\n  domains: [\"*\"]\n  routes:\n{routes}"),
+    );
+    let mut controller = Controller::start("fleet", &consul.url());
+    let rt = runtime();
+    let token = Arc::new(Controller::create_token(&consul, &rt));
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = controller.pid();
+    let rss_before = proc_status_kib(pid, "VmRSS");
+
+    // Registration: 16 at a time.
+    let ca_pem = Arc::new(
+        std::fs::read_to_string(controller.ca_file())
+            .unwrap_or_else(|e| fail(&format!("ca.pem: {e}"))),
+    );
+    let relay_addr = controller.relay_addr();
+    let t_register = Instant::now();
+    let endpoints: Vec<Endpoint> = rt
+        .block_on(
+            futures::stream::iter(0..n)
+                .map(|i| register(relay_addr.clone(), ca_pem.clone(), token.clone(), i))
+                .buffered(16)
+                .collect::<Vec<_>>(),
+        )
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|e| fail(&format!("simulated agent {i}: {e}"))))
+        .collect();
+    let registration = t_register.elapsed();
+    let rss_registered = proc_status_kib(pid, "VmRSS");
+    eprintln!("relay: {n} agents registered in {}", secs(registration));
+
+    // Connect all at once.
+    let fleet = Arc::new(Fleet::new(n));
+    let t_connect = Instant::now();
+    for (i, endpoint) in endpoints.into_iter().enumerate() {
+        rt.spawn(sim_agent(i, endpoint, fleet.clone()));
+    }
+    let all_acked = fleet.wait_all(0, &controller);
+    let connect = all_acked - t_connect;
+    controller.wait_metric("vmesh_relay_agents_connected", n as f64, FLEET_TIMEOUT);
+    let failures_first = fleet.connect_failures.load(Ordering::SeqCst);
+    eprintln!(
+        "relay: {n} agents acknowledged {} after the first connect",
+        secs(connect)
+    );
+
+    // Steady state.
+    std::thread::sleep(Duration::from_secs(3));
+    let window = Duration::from_secs(10);
+    let (c0, b0) = (proc_cpu_ticks(pid), proc_cpu_ticks(std::process::id()));
+    std::thread::sleep(window);
+    let (c1, b1) = (proc_cpu_ticks(pid), proc_cpu_ticks(std::process::id()));
+    let rss_streaming = proc_status_kib(pid, "VmRSS");
+    let hwm = proc_status_kib(pid, "VmHWM");
+    let refused = controller
+        .metric("vmesh_relay_instances_refused_total")
+        .unwrap_or(f64::NAN);
+    if refused != 0.0 {
+        fail(&format!(
+            "the controller refused {refused} instances; log {}",
+            controller.log.display()
+        ));
+    }
+    let (connected, instances) = controller.agents();
+    if connected != n || instances != (n * INSTANCES_PER_AGENT) as u64 {
+        fail(&format!(
+            "/agents: {connected} connected with {instances} instances, expected {n} with {}",
+            n * INSTANCES_PER_AGENT
+        ));
+    }
+    let streams_before = fleet.streams.load(Ordering::SeqCst);
+
+    // Crash and restart.
+    fleet.epoch.store(1, Ordering::SeqCst);
+    let t_kill = Instant::now();
+    controller.kill();
+    controller.spawn();
+    let t_spawn = Instant::now();
+    let listening = controller.wait_listening(t_spawn);
+    let metric_n = controller.wait_metric("vmesh_relay_agents_connected", n as f64, FLEET_TIMEOUT);
+    let last_ack = fleet.wait_all(1, &controller);
+    let resynced = metric_n.max(last_ack);
+    let failures_restart = fleet.connect_failures.load(Ordering::SeqCst) - failures_first;
+    let extra_streams = fleet.streams.load(Ordering::SeqCst) - streams_before - n as u64;
+    std::thread::sleep(Duration::from_secs(3));
+    let pid2 = controller.pid();
+    let rss_after_restart = proc_status_kib(pid2, "VmRSS");
+    rt.shutdown_timeout(Duration::from_secs(2));
+    drop(controller);
+
+    let per_agent = (rss_streaming as f64 - rss_before as f64) / n as f64;
+    println!();
+    println!("Controller with {n} simulated agents ({INSTANCES_PER_AGENT} instances each, {SERVICES} services)");
+    println!("| | |");
+    println!("| --- | --- |");
+    println!(
+        "| controller RSS before agents | {:.1} MiB |",
+        kib_to_mib(rss_before)
+    );
+    println!(
+        "| after {n} registrations | {:.1} MiB ({} to register, 16 at a time) |",
+        kib_to_mib(rss_registered),
+        secs(registration)
+    );
+    println!(
+        "| with {n} agents connected and streaming | {:.1} MiB (peak {:.1} MiB) → **{per_agent:.1} KiB per agent** |",
+        kib_to_mib(rss_streaming),
+        kib_to_mib(hwm)
+    );
+    println!(
+        "| first connect → all {n} snapshots acked | {} ({failures_first} failed connects retried) |",
+        secs(connect)
+    );
+    println!(
+        "| controller CPU, steady state ({} s) | {:.2} % of one core ({} ticks); bench process {:.2} % |",
+        window.as_secs(),
+        (c1 - c0) as f64 / TICKS_PER_SECOND / window.as_secs_f64() * 100.0,
+        c1 - c0,
+        (b1 - b0) as f64 / TICKS_PER_SECOND / window.as_secs_f64() * 100.0
+    );
+    println!(
+        "| SIGKILL + restart → relay listening | {} (spawn → listening {}) |",
+        secs(listening - t_kill),
+        secs(listening - t_spawn)
+    );
+    println!(
+        "| **restart → all {n} resynced** | **{}** from the kill; {} from the relay listening (`agents_connected` = {n} after {}, last snapshot acked after {}) |",
+        secs(resynced - t_kill),
+        secs(resynced.saturating_duration_since(listening)),
+        secs(metric_n - t_kill),
+        secs(last_ack.saturating_duration_since(t_kill))
+    );
+    println!(
+        "| reconnects | {failures_restart} failed connects during the restart; {extra_streams} streams beyond one per agent |"
+    );
+    println!(
+        "| controller RSS after the restart, {n} agents | {:.1} MiB |",
+        kib_to_mib(rss_after_restart)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parts 2 and 3: real agents
+
+/// A `vmesh-agent` process.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(
+        binary: &Path,
+        controller: &Controller,
+        vm: &ConsulEmulator,
+        data_dir: &Path,
+        token: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let log = data_dir.with_extension("log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| fail(&format!("agent log: {e}")));
+        let err = file
+            .try_clone()
+            .unwrap_or_else(|e| fail(&format!("agent log: {e}")));
+        let child = Command::new(binary)
+            .args(["--relay-addr", &controller.relay_addr()])
+            .args(["--ca-file", &controller.ca_file().display().to_string()])
+            .args(["--data-dir", &data_dir.display().to_string()])
+            .args(["--consul-addr", &vm.url()])
+            .args(["--log", &log_filter().unwrap_or_else(|| "info".into())])
+            .args(extra)
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env("VMESH_AGENT_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| fail(&format!("start {}: {e}", binary.display())));
+        Agent { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            fail(&format!(
+                "vmesh-agent exited ({status}); log {}",
+                self.log.display()
+            ));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!(
+                "--- vmesh-agent log {} (last lines) ---\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+/// A "VM": a Consul agent (the emulator) of node `vm-<n>` at 127.0.0.<10 + n>.
+fn vm(n: u8) -> ConsulEmulator {
+    ConsulEmulator::start_with(ConsulOptions {
+        node_name: format!("vm-{n}"),
+        node_address: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + n)),
+        ..Default::default()
+    })
+}
+
+fn echo_on(ip: IpAddr, name: &str) -> EchoServer {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
+        .unwrap_or_else(|e| fail(&format!("bind {ip}: {e}")));
+    EchoServer::start_on(listener, name)
+}
+
+/// Polls `url` on one kept-alive connection, without sleeping, until an answer comes from the
+/// echo server `want` (its `x-served-by` header); returns when it did.
+fn wait_served(
+    client: &HttpClient,
+    url: &str,
+    want: &str,
+    t0: Instant,
+    timeout: Duration,
+) -> Instant {
+    loop {
+        let last = match client.get(url, &[]) {
+            Ok(r) if r.status == 200 && r.header("x-served-by") == Some(want) => {
+                return Instant::now()
+            }
+            Ok(r) => format!("status {} from {:?}", r.status, r.header("x-served-by")),
+            Err(e) => e,
+        };
+        if t0.elapsed() > timeout {
+            fail(&format!(
+                "{url} was not served by {want} within {timeout:?}; last: {last}"
+            ));
+        }
+    }
+}
+
+/// The controller, Envoy and the routing config of parts 2 and 3.
+struct VmBench {
+    agent_binary: PathBuf,
+    _consul: ConsulEmulator,
+    controller: Controller,
+    _envoy: Envoy,
+    url: String,
+    token: String,
+    dir: PathBuf,
+}
+
+impl VmBench {
+    fn start(agent_binary: &Path) -> VmBench {
+        let consul = ConsulEmulator::start();
+        let port = free_port();
+        put_config(&consul, "Gateway", "edge", &gateway(port));
+        put_config(&consul, "Upstream", "web", &consul_upstream("web"));
+        put_config(
+            &consul,
+            "VirtualService",
+            "web",
+            "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: web\n",
+        );
+        let controller = Controller::start("vm", &consul.url());
+        let bootstrap = render(&BootstrapArgs {
+            proxy: PROXY.to_string(),
+            cluster: None,
+            xds_addr: format!("127.0.0.1:{}", controller.xds_port),
+            protocol: Protocol::Delta,
+            admin_port: 0,
+        })
+        .unwrap_or_else(|e| fail(&format!("render the bootstrap: {e}")));
+        let envoy = Envoy::start(&bootstrap, PROXY);
+        envoy.wait_ready(STARTUP);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
+        let token = Controller::create_token(&consul, &rt);
+        let dir = controller.dir.join("vms");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+        VmBench {
+            agent_binary: agent_binary.to_owned(),
+            _consul: consul,
+            controller,
+            _envoy: envoy,
+            url: format!("http://127.0.0.1:{port}/"),
+            token,
+            dir,
+        }
+    }
+
+    fn agent(&self, vm: &ConsulEmulator, extra: &[&str]) -> Agent {
+        let data = self.dir.join(vm.node_name());
+        Agent::start(
+            &self.agent_binary,
+            &self.controller,
+            vm,
+            &data,
+            &self.token,
+            extra,
+        )
+    }
+
+    /// Part 2.
+    fn routing(&self, samples: usize) {
+        let vm1 = vm(1);
+        let ip = vm1.options().node_address;
+        let echoes = [echo_on(ip, "web-a"), echo_on(ip, "web-b")];
+        let client = HttpClient::new();
+        let mut current = (
+            vm1.register_service(
+                ServiceRegistration::new("web", echoes[0].port()).with_id("web-0"),
+            ),
+            0usize,
+        );
+        let mut next_id = 1;
+        let mut rows = Vec::new();
+        for interval in ["250ms", "50ms"] {
+            let mut agent = self.agent(&vm1, &["--poll-interval", interval]);
+            // The agent registers (first run) or reuses its certificate, connects and reports.
+            wait_served(
+                &client,
+                &self.url,
+                echoes[current.1].name(),
+                Instant::now(),
+                STARTUP,
+            );
+            let mut gaps = Gaps::new(Duration::from_millis(500));
+            let mut times = Vec::with_capacity(samples);
+            for _ in 0..samples {
+                gaps.pause();
+                let to = 1 - current.1;
+                let id = format!("web-{next_id}");
+                next_id += 1;
+                let t0 = Instant::now();
+                vm1.register_service(
+                    ServiceRegistration::new("web", echoes[to].port()).with_id(&id),
+                );
+                vm1.deregister_service(&current.0);
+                let t1 = wait_served(&client, &self.url, echoes[to].name(), t0, CHANGE_TIMEOUT);
+                times.push(t1 - t0);
+                current = (id, to);
+                // Settled: 10 answers in a row from the new instance (not measured), so the
+                // previous instance is gone before the next sample.
+                let settle = Instant::now();
+                let mut in_a_row = 0;
+                while in_a_row < 10 {
+                    match client.get(&self.url, &[]) {
+                        Ok(r)
+                            if r.status == 200
+                                && r.header("x-served-by") == Some(echoes[to].name()) =>
+                        {
+                            in_a_row += 1
+                        }
+                        _ => in_a_row = 0,
+                    }
+                    if settle.elapsed() > CHANGE_TIMEOUT {
+                        fail("the previous instance of web was still served after 10 s");
+                    }
+                }
+            }
+            agent.check_alive();
+            let name: &'static str = if interval == "250ms" {
+                "VM register → routed, poll 250ms"
+            } else {
+                "VM register → routed, poll 50ms"
+            };
+            rows.push(Row::new(name, times));
+            drop(agent);
+            // The next agent starts once the controller saw this one go.
+            self.controller
+                .wait_metric("vmesh_relay_agents_connected", 0.0, CHANGE_TIMEOUT);
+        }
+        println!();
+        println!("Service registered on a VM → first answer from it through the edge Envoy, {samples} samples each (ms)");
+        print_rows(&rows);
+    }
+
+    /// Part 3.
+    fn agent_cost(&self) {
+        let vm2 = vm(2);
+        let mut agent = self.agent(&vm2, &[]);
+        self.controller
+            .wait_metric("vmesh_relay_agents_connected", 1.0, STARTUP);
+        std::thread::sleep(Duration::from_secs(2));
+        let idle = Window::measure(&mut agent, Duration::from_secs(20), |_| {});
+
+        let services = 100;
+        let mut checks = Vec::with_capacity(services);
+        for k in 0..services {
+            let id = format!("app-{k}");
+            vm2.register_service(
+                ServiceRegistration::new(&format!("app-{}", k % 10), 9000 + k as u16)
+                    .with_id(&id)
+                    .with_ttl_check(Duration::from_secs(3600)),
+            );
+            let check = format!("service:{id}");
+            vm2.set_check_status(&check, CheckStatus::Passing);
+            checks.push((check, true));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let loaded = Window::measure(&mut agent, Duration::from_secs(10), |_| {});
+
+        let mut rng = XorShift::new(42);
+        let mut flips = 0;
+        let mut next_flip = Instant::now();
+        let churn = Window::measure(&mut agent, Duration::from_secs(30), |now| {
+            if now < next_flip {
+                return;
+            }
+            next_flip += Duration::from_secs(2);
+            for _ in 0..services / 10 {
+                let (check, passing) = &mut checks[rng.below(services as u64) as usize];
+                *passing = !*passing;
+                let status = if *passing {
+                    CheckStatus::Passing
+                } else {
+                    CheckStatus::Critical
+                };
+                if !vm2.set_check_status(check, status) {
+                    fail(&format!("no check {check}"));
+                }
+                flips += 1;
+            }
+        });
+        agent.check_alive();
+        let (connected, instances) = self.controller.agents();
+        if (connected, instances) != (1, services as u64) {
+            fail(&format!(
+                "/agents: {connected} connected with {instances} instances, expected 1 with {services}"
+            ));
+        }
+        println!();
+        println!("vmesh-agent (release, --poll-interval 250ms) against its local Consul agent");
+        println!(
+            "| phase | window | VmRSS max | RssAnon max | VmHWM | CPU (% of one core) | ticks | goal |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+        idle.print("idle, no services", "≤ 8 MB RSS, < 0.5 % CPU");
+        loaded.print("100 services, unchanged", "");
+        churn.print(
+            &format!("100 services, {flips} health flips (10 every 2 s)"),
+            "≤ 16 MB RSS",
+        );
+        println!("(the controller holds the agent's {instances} instances at the end)");
+    }
+}
+
+struct Window {
+    length: Duration,
+    rss_max: u64,
+    anon_max: u64,
+    hwm: u64,
+    ticks: u64,
+}
+
+impl Window {
+    /// Samples the agent's VmRSS every 200 ms for `length`, calling `tick` at each sample, and
+    /// its CPU ticks over the whole window.
+    fn measure(agent: &mut Agent, length: Duration, mut tick: impl FnMut(Instant)) -> Window {
+        agent.check_alive();
+        let pid = agent.pid();
+        let t0 = Instant::now();
+        let c0 = proc_cpu_ticks(pid);
+        let (mut rss_max, mut anon_max) = (0, 0);
+        let mut k = 0u32;
+        loop {
+            let now = Instant::now();
+            if now - t0 >= length {
+                break;
+            }
+            tick(now);
+            rss_max = rss_max.max(proc_status_kib(pid, "VmRSS"));
+            anon_max = anon_max.max(proc_status_kib(pid, "RssAnon"));
+            k += 1;
+            let due = t0 + Duration::from_millis(200) * k;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        let ticks = proc_cpu_ticks(pid) - c0;
+        Window {
+            length: t0.elapsed(),
+            rss_max,
+            anon_max,
+            hwm: proc_status_kib(pid, "VmHWM"),
+            ticks,
+        }
+    }
+
+    fn print(&self, phase: &str, goal: &str) {
+        println!(
+            "| {phase} | {:.1} s | {:.2} MiB ({} kB) | {:.2} MiB | {:.2} MiB | {:.2} % | {} | {goal} |",
+            self.length.as_secs_f64(),
+            kib_to_mib(self.rss_max),
+            self.rss_max,
+            kib_to_mib(self.anon_max),
+            kib_to_mib(self.hwm),
+            self.ticks as f64 / TICKS_PER_SECOND / self.length.as_secs_f64() * 100.0,
+            self.ticks
+        );
+    }
+}
