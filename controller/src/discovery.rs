@@ -38,6 +38,9 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// An instance an agent reported, with its service name.
+pub type Reported = (String, ServiceInstance);
+
 #[derive(Clone, Debug)]
 struct AgentEntry {
     /// (service name, instance), sorted.
@@ -100,6 +103,13 @@ impl DiscoveryMerger {
     /// The agent's certificate was revoked: its instances go at once.
     pub fn revoke(&mut self, agent: &AgentIdentity) -> bool {
         self.agents.remove(&key(agent)).is_some()
+    }
+
+    /// What the agent reported (by service) and since when it is disconnected, if counted.
+    pub fn entry(&self, agent: &AgentIdentity) -> Option<(&[Reported], Option<Instant>)> {
+        self.agents
+            .get(&key(agent))
+            .map(|a| (a.instances.as_slice(), a.gone_since))
     }
 
     /// Whether the agent's instances are counted.

@@ -96,29 +96,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let config = args.consul_config().context("Consul")?;
             let client = vmesh_consul::Client::new(&config).context("Consul")?;
             let prefix = args.consul_prefix.trim_end_matches('/').to_string();
-            if let Some(addr) = args.relay_addr {
-                let settings = relay::RelaySettings {
-                    addr,
-                    data_dir: args.data_dir.clone(),
-                    ca_cert: args.ca_cert.clone(),
-                    ca_key: args.ca_key.clone(),
-                    trust_domain: args.trust_domain.clone(),
-                    agent_cert_ttl: args.agent_cert_ttl,
-                    grace: args.discovery_grace,
-                    warmup: args.discovery_warmup,
-                };
-                let registry = vmesh_registry::Registry::new(client.clone(), &prefix);
-                let (hub, task) = relay::start(
-                    settings,
-                    registry,
-                    metrics.clone(),
-                    events_tx.clone(),
-                    shutdown.clone(),
-                )
-                .await?;
-                background.push(task);
-                agents = Some(hub);
-            }
+            let relay_events = events_tx.clone();
             let source = source::consul::ConsulSource {
                 client: client.clone(),
                 prefix: prefix.clone(),
@@ -135,6 +113,35 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             // Replicas elect a leader; only it writes status.
             let (leader_tx, leader) = watch::channel(false);
             let (session_tx, session) = watch::channel(None);
+            if let Some(addr) = args.relay_addr {
+                let settings = relay::RelaySettings {
+                    addr,
+                    data_dir: args.data_dir.clone(),
+                    ca_cert: args.ca_cert.clone(),
+                    ca_key: args.ca_key.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                    agent_cert_ttl: args.agent_cert_ttl,
+                    grace: args.discovery_grace,
+                    warmup: args.discovery_warmup,
+                };
+                let registry = vmesh_registry::Registry::new(client.clone(), &prefix);
+                let replica = relay::Replica {
+                    id: args.id.clone(),
+                    prefix: prefix.clone(),
+                    session: session.clone(),
+                };
+                let (hub, task) = relay::start(
+                    settings,
+                    registry,
+                    replica,
+                    metrics.clone(),
+                    relay_events,
+                    shutdown.clone(),
+                )
+                .await?;
+                background.push(task);
+                agents = Some(hub);
+            }
             let election = leader::Election {
                 client: client.clone(),
                 key: format!("{prefix}/leader"),

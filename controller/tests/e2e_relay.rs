@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::vm::{create_token, route_to_consul_service, RelayController, Vm};
 use common::*;
-use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ServiceRegistration};
+use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ConsulOptions, ServiceRegistration};
 use vmesh_testkit::{eventually, free_port, EchoServer};
 use vmeshctl::bootstrap::Protocol;
 
@@ -348,4 +348,63 @@ fn a_revoked_agent_is_cut_off_and_its_endpoints_go_at_once() {
     let log = relay.controller.log();
     assert!(log.contains("agent revoked"), "{log}");
     relay.assert_alive();
+}
+
+#[test]
+fn replicas_share_discovery_and_keep_a_dead_replicas_agents_for_the_grace_period() {
+    let consul = ConsulEmulator::start_with(ConsulOptions {
+        session_ttl_min: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let port = free_port();
+    routing(&consul, port);
+    // Two replicas with one CA; the agent streams to A, the edge Envoy is served by B.
+    let mut a = RelayController::start(&consul, &["--leader-ttl", "2s"]);
+    let (ca_cert, ca_key) = (a.ca_file(), a.ca_key());
+    let b = RelayController::start(
+        &consul,
+        &[
+            "--leader-ttl",
+            "2s",
+            "--ca-cert",
+            ca_cert.to_str().unwrap(),
+            "--ca-key",
+            ca_key.to_str().unwrap(),
+        ],
+    );
+    let token = create_token(&consul, None, None, None);
+    let mut web = WebVm::new(51);
+    web.vm.start_agent(&a, &token, &[]);
+    let _envoy = b.controller.envoy(PROXY, Protocol::Delta);
+    wait_serving(port, &["web@vm-51"]);
+
+    // Changes reported to A reach B's proxies.
+    web.set_health(CheckStatus::Critical);
+    eventually(DEADLINE, "the VM to leave B's rotation", || {
+        match get(port, "/", &[]) {
+            Ok(r) if r.status == 503 => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| r.status))),
+        }
+    });
+    web.set_health(CheckStatus::Passing);
+    wait_serving(port, &["web@vm-51"]);
+
+    // A dies: its session expires and Consul deletes its record; B keeps the VM's endpoints
+    // for the grace period (60 s) from then on.
+    a.controller.kill();
+    eventually(
+        DEADLINE,
+        "A's discovery record to be deleted with its session",
+        || {
+            let left = consul.kv_list("vmesh/discovery/").len();
+            (left == 0).then_some(()).ok_or(format!("{left} records"))
+        },
+    );
+    let seen = serving(port).unwrap();
+    assert_eq!(
+        seen,
+        BTreeSet::from(["web@vm-51".to_string()]),
+        "B still routes to the dead replica's agent"
+    );
+    b.assert_alive();
 }

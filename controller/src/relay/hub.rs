@@ -5,10 +5,10 @@
 //! machine, the merger) and returns. The catalog is published by [`publish`]: a change only
 //! marks it dirty, so a burst of agent messages becomes one catalog for the index.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tonic::Status;
@@ -17,6 +17,7 @@ use vmesh_proto::relay::ControllerDiscovery;
 use vmesh_proto::v1::{AgentMessage, ControllerMessage};
 use vmesh_tls::{DenyList, SpiffeId};
 
+use super::shared::{DiscoveryRecord, RemoteView, SharedInstance};
 use crate::discovery::{AgentIdentity, DiscoveryMerger};
 use crate::metrics::Metrics;
 use crate::source::{Change, SourceEvent};
@@ -37,6 +38,8 @@ struct Agent {
     /// reconnect before the old connection timed out) takes over.
     current: Option<u64>,
     streams: HashMap<u64, StreamEntry>,
+    /// When the current (or last) stream opened, for the shared record.
+    connected_unix: u64,
 }
 
 #[derive(Debug)]
@@ -48,6 +51,10 @@ struct Inner {
     /// Agents expected to report after a start; the first catalog waits for them (or the
     /// warm-up deadline).
     awaiting: Option<Vec<SpiffeId>>,
+    /// Other replicas' agents (`shared.rs`).
+    remote: RemoteView,
+    /// Agents whose shared record must be written (or deleted) again.
+    records_dirty: BTreeSet<SpiffeId>,
 }
 
 /// A stream attached to the hub.
@@ -59,12 +66,17 @@ pub struct Attached {
 
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// The catalog changed.
     dirty: Notify,
+    /// A shared record must be written.
+    records: Notify,
+    replica: String,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(grace: Duration, metrics: Arc<Metrics>) -> Self {
+    /// A hub for replica `replica` (its `--id`).
+    pub fn new(grace: Duration, replica: &str, metrics: Arc<Metrics>) -> Self {
         Hub {
             inner: Mutex::new(Inner {
                 merger: DiscoveryMerger::new(grace),
@@ -72,9 +84,80 @@ impl Hub {
                 deny: DenyList::new(),
                 next_stream: 0,
                 awaiting: None,
+                remote: RemoteView::new(replica, grace),
+                records_dirty: BTreeSet::new(),
             }),
             dirty: Notify::new(),
+            records: Notify::new(),
+            replica: replica.to_owned(),
             metrics,
+        }
+    }
+
+    fn record_changed(&self, inner: &mut Inner, id: &SpiffeId) {
+        inner.records_dirty.insert(id.clone());
+        self.records.notify_one();
+    }
+
+    /// Every agent's shared record must be written again (e.g. under a new session).
+    pub fn rewrite_records(&self) {
+        let mut inner = self.lock();
+        let ids: Vec<SpiffeId> = inner.agents.keys().cloned().collect();
+        inner.records_dirty.extend(ids);
+        self.records.notify_one();
+    }
+
+    /// Waits until some shared record must be written.
+    pub async fn records_changed(&self) {
+        self.records.notified().await;
+    }
+
+    /// The shared records to write (`Some`) or delete (`None`), clearing the list. A caller that
+    /// fails to write them gives them back with [`Hub::retry_records`].
+    pub fn take_records(&self) -> Vec<(SpiffeId, Option<DiscoveryRecord>)> {
+        let mut inner = self.lock();
+        let dirty = std::mem::take(&mut inner.records_dirty);
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        dirty
+            .into_iter()
+            .map(|id| {
+                let record = inner.agents.get(&id).and_then(|agent| {
+                    let (instances, gone_since) = inner.merger.entry(&agent.identity)?;
+                    let disconnected_unix = gone_since.map(|t| {
+                        unix(wall).saturating_sub(now.saturating_duration_since(t).as_secs())
+                    });
+                    Some(DiscoveryRecord {
+                        spiffe_id: id.clone(),
+                        replica: self.replica.clone(),
+                        connected_unix: agent.connected_unix,
+                        disconnected_unix,
+                        instances: instances
+                            .iter()
+                            .map(|(service, instance)| SharedInstance {
+                                service: service.clone(),
+                                instance: instance.clone(),
+                            })
+                            .collect(),
+                    })
+                });
+                (id, record)
+            })
+            .collect()
+    }
+
+    /// Records that could not be written, to try again.
+    pub fn retry_records(&self, ids: impl IntoIterator<Item = SpiffeId>) {
+        let mut inner = self.lock();
+        inner.records_dirty.extend(ids);
+    }
+
+    /// Every replica's records as now in Consul KV.
+    pub fn set_remote(&self, records: Vec<DiscoveryRecord>) {
+        let mut inner = self.lock();
+        if inner.remote.set(records, Instant::now()) {
+            self.update_gauges(&inner);
+            self.dirty.notify_one();
         }
     }
 
@@ -116,7 +199,9 @@ impl Hub {
             discovery: ControllerDiscovery::new(),
             current: None,
             streams: HashMap::new(),
+            connected_unix: 0,
         });
+        agent.connected_unix = unix(SystemTime::now());
         if agent.identity.address != identity.address {
             info!(agent = %id, old = %agent.identity.address, new = %identity.address, "agent's address changed");
         }
@@ -172,6 +257,7 @@ impl Hub {
             if let Some(awaiting) = inner.awaiting.as_mut() {
                 awaiting.retain(|x| x != id);
             }
+            self.record_changed(inner, id);
             self.update_gauges(inner);
             self.dirty.notify_one();
         }
@@ -190,6 +276,7 @@ impl Hub {
         if agent.current == Some(stream) {
             agent.current = None;
             inner.merger.disconnected(&agent.identity, now);
+            self.record_changed(inner, id);
             self.dirty.notify_one();
         }
         self.update_gauges(inner);
@@ -225,10 +312,14 @@ impl Hub {
         for id in cut {
             if let Some(agent) = inner.agents.remove(&id) {
                 inner.merger.revoke(&agent.identity);
+                self.record_changed(inner, &id);
                 self.metrics.refused("revoked");
                 warn!(agent = %id, "agent revoked: stream closed and its services removed");
             }
         }
+        inner
+            .remote
+            .expire(&deny, Instant::now(), SystemTime::now());
         inner.deny = deny;
         self.update_gauges(inner);
         self.dirty.notify_one();
@@ -243,7 +334,7 @@ impl Hub {
         self.metrics.relay_agents_connected.set(connected as i64);
         self.metrics
             .relay_agents_known
-            .set(inner.merger.len() as i64);
+            .set((inner.merger.len() + inner.remote.agents()) as i64);
     }
 
     /// The agents known to the hub: (id, connected, instances reported).
@@ -280,7 +371,12 @@ pub async fn publish(
         let (next_expiry, waiting) = {
             let inner = hub.lock();
             let waiting = inner.awaiting.as_ref().is_none_or(|a| !a.is_empty());
-            (inner.merger.next_expiry(), first && waiting)
+            let remote = inner.remote.next_expiry(Instant::now(), SystemTime::now());
+            let next = match (inner.merger.next_expiry(), remote) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            (next, first && waiting)
         };
         let wake = match (next_expiry, waiting) {
             (Some(t), true) => Some(t.min(warm_by)),
@@ -304,8 +400,25 @@ pub async fn publish(
             let now = Instant::now();
             if inner.merger.expire(now) {
                 info!("agents' grace period ended: their services are removed");
-                let Inner { agents, merger, .. } = &mut *inner;
-                agents.retain(|_, a| a.current.is_some() || merger.contains(&a.identity));
+                let Inner {
+                    agents,
+                    merger,
+                    records_dirty,
+                    ..
+                } = &mut *inner;
+                agents.retain(|id, a| {
+                    let keep = a.current.is_some() || merger.contains(&a.identity);
+                    if !keep {
+                        records_dirty.insert(id.clone());
+                    }
+                    keep
+                });
+                hub.records.notify_one();
+                hub.update_gauges(&inner);
+            }
+            let Inner { remote, deny, .. } = &mut *inner;
+            if remote.expire(deny, now, SystemTime::now()) {
+                info!("another replica's agents' grace period ended: their services are removed");
                 hub.update_gauges(&inner);
             }
             let still_waiting = inner.awaiting.as_ref().is_none_or(|a| !a.is_empty());
@@ -321,7 +434,17 @@ pub async fn publish(
                 }
                 inner.awaiting = Some(Vec::new());
             }
-            inner.merger.catalog()
+            let mut catalog = inner.merger.catalog();
+            let Inner {
+                agents,
+                merger,
+                remote,
+                ..
+            } = &*inner;
+            let local =
+                |id: &SpiffeId| agents.get(id).is_some_and(|a| merger.contains(&a.identity));
+            remote.add_to(&mut catalog, local, now, SystemTime::now());
+            catalog
         };
         first = false;
         if events
@@ -334,4 +457,9 @@ pub async fn publish(
             return;
         }
     }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -4,12 +4,14 @@
 //! - `tls`: the listener's certificate (from the mesh CA, renewed at half-life) and handshakes.
 //! - `service`: the `Registration` and `Relay` gRPC services.
 //! - `hub`: every agent's discovery, the deny list, and the catalog published to the index.
+//! - `shared`: discovery shared with the other replicas through Consul KV.
 //!
 //! Bootstrap tokens, registered agents and revocations live in Consul KV (`vmesh-registry`), so
 //! `vmeshctl token` and `vmeshctl agent` work against any replica.
 
 mod hub;
 mod service;
+mod shared;
 mod tls;
 
 use std::net::SocketAddr;
@@ -68,11 +70,19 @@ impl RelaySettings {
     }
 }
 
+/// This replica, for sharing discovery: its `--id`, its Consul KV prefix and its session.
+pub struct Replica {
+    pub id: String,
+    pub prefix: String,
+    pub session: watch::Receiver<Option<String>>,
+}
+
 /// Starts the relay listener and its background tasks. Returns once the listener is bound; the
 /// server runs until `shutdown`.
 pub async fn start(
     settings: RelaySettings,
     registry: Registry,
+    replica: Replica,
     metrics: Arc<Metrics>,
     events: mpsc::Sender<SourceEvent>,
     shutdown: watch::Receiver<bool>,
@@ -89,7 +99,7 @@ pub async fn start(
             .instrument(tracing::info_span!("relay_cert")),
     );
 
-    let hub = Arc::new(Hub::new(settings.grace, metrics.clone()));
+    let hub = Arc::new(Hub::new(settings.grace, &replica.id, metrics.clone()));
     // Revocations first, so a revoked agent is never served even right after a start.
     match tokio::time::timeout(
         Duration::from_secs(5),
@@ -127,6 +137,26 @@ pub async fn start(
     tokio::spawn(
         hub::publish(hub.clone(), events, settings.warmup, shutdown.clone())
             .instrument(tracing::info_span!("discovery")),
+    );
+    tokio::spawn(
+        shared::write_records(
+            hub.clone(),
+            registry.client().clone(),
+            replica.prefix.clone(),
+            replica.id.clone(),
+            replica.session,
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("discovery_share")),
+    );
+    tokio::spawn(
+        shared::read_records(
+            hub.clone(),
+            registry.client().clone(),
+            replica.prefix,
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("discovery_read")),
     );
 
     let state = Arc::new(service::RelayState {

@@ -45,18 +45,18 @@ impl RelayController {
             controller,
             relay_port,
         };
-        eventually(DEADLINE, "the relay CA to exist", || {
-            r.ca_file()
-                .exists()
-                .then_some(())
-                .ok_or_else(|| "no ca.pem yet".to_string())
-        });
+        // The CA is loaded (or created) before the relay listens.
         eventually(DEADLINE, "the relay to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", relay_port))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         });
         r
+    }
+
+    /// The built-in CA's key (for other replicas' `--ca-key`).
+    pub fn ca_key(&self) -> PathBuf {
+        self.ca_file().with_file_name("ca.key")
     }
 
     /// The built-in CA's certificate: what an operator hands to agents as `--ca-file`.

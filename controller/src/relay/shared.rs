@@ -1,0 +1,491 @@
+//! Discovery shared between controller replicas through Consul KV.
+//!
+//! An agent streams to one replica, but every replica serves proxies, so each replica writes
+//! what its agents report to `<prefix>/discovery/<dc>/<node>/<replica>` (the instances it
+//! accepted, whether the stream is still open) and reads every other replica's records.
+//!
+//! - A record is written under the replica's session: if the replica dies, Consul deletes its
+//!   records when the session expires. A reader that sees a record vanish keeps its instances for
+//!   the grace period from that moment, as it would for a disconnected agent, so a replica crash
+//!   is an agent disconnect for everyone else, never an empty service.
+//! - A replica deletes its record when the agent's grace period ends or the agent is revoked.
+//! - When several replicas have a record for one agent (it moved), an open stream wins over a
+//!   closed one, and the newest stream over older ones.
+//!
+//! [`RemoteView`] is the pure part: other replicas' records and what they count for now.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use vmesh_consul::{Client, WriteOptions};
+use vmesh_model::{Catalog, ServiceInstance};
+use vmesh_tls::{DenyList, SpiffeId};
+
+use super::hub::Hub;
+
+/// `<prefix>/discovery/<dc>/<node>/<replica>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryRecord {
+    pub spiffe_id: SpiffeId,
+    /// The replica that holds (or held) the agent's stream.
+    pub replica: String,
+    /// When that stream opened (whole seconds since the Unix epoch).
+    pub connected_unix: u64,
+    /// When it closed; `None` while it is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnected_unix: Option<u64>,
+    /// The instances the replica accepted from the agent, by service.
+    pub instances: Vec<SharedInstance>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedInstance {
+    pub service: String,
+    #[serde(flatten)]
+    pub instance: ServiceInstance,
+}
+
+/// The KV key of `record`.
+pub fn record_key(prefix: &str, id: &SpiffeId, replica: &str) -> String {
+    format!(
+        "{}/{}/{}/{replica}",
+        discovery_prefix(prefix),
+        id.dc(),
+        id.agent_node().unwrap_or_default()
+    )
+}
+
+pub fn discovery_prefix(prefix: &str) -> String {
+    format!("{prefix}/discovery")
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    record: DiscoveryRecord,
+    /// When this replica noticed the record was deleted.
+    vanished: Option<Instant>,
+}
+
+/// Other replicas' records, and which of their instances still count.
+#[derive(Debug)]
+pub struct RemoteView {
+    replica: String,
+    grace: Duration,
+    /// By (agent, writing replica).
+    records: BTreeMap<(SpiffeId, String), Seen>,
+}
+
+impl RemoteView {
+    pub fn new(replica: &str, grace: Duration) -> Self {
+        RemoteView {
+            replica: replica.to_owned(),
+            grace,
+            records: BTreeMap::new(),
+        }
+    }
+
+    /// Every record now in KV (this replica's own are ignored). Records that disappeared start
+    /// their grace period at `now`. Returns whether anything changed.
+    pub fn set(&mut self, records: Vec<DiscoveryRecord>, now: Instant) -> bool {
+        let mut changed = false;
+        let mut present = BTreeSet::new();
+        for record in records {
+            if record.replica == self.replica {
+                continue;
+            }
+            let key = (record.spiffe_id.clone(), record.replica.clone());
+            present.insert(key.clone());
+            match self.records.get_mut(&key) {
+                Some(seen) if seen.record == record && seen.vanished.is_none() => {}
+                Some(seen) => {
+                    seen.record = record;
+                    seen.vanished = None;
+                    changed = true;
+                }
+                None => {
+                    self.records.insert(
+                        key,
+                        Seen {
+                            record,
+                            vanished: None,
+                        },
+                    );
+                    changed = true;
+                }
+            }
+        }
+        for (key, seen) in &mut self.records {
+            if !present.contains(key) && seen.vanished.is_none() {
+                seen.vanished = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Forgets records whose grace period ended, and every record of a revoked agent. Returns
+    /// whether any went.
+    pub fn expire(&mut self, deny: &DenyList, now: Instant, wall: SystemTime) -> bool {
+        let before = self.records.len();
+        let grace = self.grace;
+        self.records.retain(|(id, _), seen| {
+            !deny.ids().any(|d| d == id)
+                && counts_until(seen, grace, now, wall).is_none_or(|t| t > now)
+        });
+        self.records.len() != before
+    }
+
+    /// When the next record stops counting, if any will.
+    pub fn next_expiry(&self, now: Instant, wall: SystemTime) -> Option<Instant> {
+        self.records
+            .values()
+            .filter_map(|s| counts_until(s, self.grace, now, wall))
+            .min()
+    }
+
+    /// Adds the instances of every agent not in `local` (this replica's own agents, which it
+    /// knows first-hand) to `catalog`: per agent, the newest open stream's record, else the
+    /// newest closed one still within its grace period.
+    pub fn add_to(
+        &self,
+        catalog: &mut Catalog,
+        local: impl Fn(&SpiffeId) -> bool,
+        now: Instant,
+        wall: SystemTime,
+    ) {
+        let mut best: BTreeMap<&SpiffeId, &Seen> = BTreeMap::new();
+        for ((id, _), seen) in &self.records {
+            if local(id) || counts_until(seen, self.grace, now, wall).is_some_and(|t| t <= now) {
+                continue;
+            }
+            let rank = |s: &Seen| {
+                (
+                    s.vanished.is_none() && s.record.disconnected_unix.is_none(),
+                    s.record.connected_unix,
+                )
+            };
+            match best.get(id) {
+                Some(b) if rank(b) >= rank(seen) => {}
+                _ => {
+                    best.insert(id, seen);
+                }
+            }
+        }
+        for seen in best.values() {
+            for i in &seen.record.instances {
+                catalog.insert(i.service.clone(), i.instance.clone());
+            }
+        }
+    }
+
+    /// How many other replicas' agents are counted.
+    pub fn agents(&self) -> usize {
+        self.records
+            .keys()
+            .map(|(id, _)| id)
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+}
+
+/// Until when a record counts: `None` while its stream is open and it is in KV.
+fn counts_until(seen: &Seen, grace: Duration, now: Instant, wall: SystemTime) -> Option<Instant> {
+    let closed = seen.record.disconnected_unix.map(|t| {
+        // The wall-clock time it closed, as an instant on this machine's monotonic clock.
+        let ago = wall
+            .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(t))
+            .unwrap_or_default();
+        now.checked_sub(ago).unwrap_or(now)
+    });
+    match (closed, seen.vanished) {
+        (None, None) => None,
+        (Some(t), None) | (None, Some(t)) => Some(t + grace),
+        // Closed, then deleted: the grace period began when it closed.
+        (Some(closed), Some(vanished)) => Some(closed.min(vanished) + grace),
+    }
+}
+
+/// Writes this replica's records whenever an agent's discovery changes, under the replica's
+/// session (none is written until there is one; all are written again under a new one).
+pub async fn write_records(
+    hub: Arc<Hub>,
+    client: Client,
+    prefix: String,
+    replica: String,
+    mut session: watch::Receiver<Option<String>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let current = session.borrow().clone();
+        if let Some(current) = current {
+            let mut failed = Vec::new();
+            let mut error = None;
+            for (id, record) in hub.take_records() {
+                let key = record_key(&prefix, &id, &replica);
+                let written = match &record {
+                    Some(r) => match serde_json::to_vec(r) {
+                        Ok(value) => {
+                            let options = WriteOptions {
+                                acquire: Some(current.clone()),
+                                ..WriteOptions::default()
+                            };
+                            client.kv_put(&key, value, &options).await
+                        }
+                        Err(e) => {
+                            warn!(%key, error = %e, "cannot encode a discovery record");
+                            continue;
+                        }
+                    },
+                    None => client.kv_delete(&key, None).await,
+                };
+                match written {
+                    Ok(true) => {}
+                    // The session is gone; a new one rewrites everything.
+                    Ok(false) => failed.push(id),
+                    Err(e) => {
+                        error.get_or_insert(e);
+                        failed.push(id);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                failures += 1;
+                if failures == 1 {
+                    match &error {
+                        Some(e) => {
+                            warn!(error = %e, "cannot share discovery with the other replicas; retrying")
+                        }
+                        None => warn!("cannot share discovery under this session; retrying"),
+                    }
+                }
+                hub.retry_records(failed);
+                let wait = Duration::from_millis(100 * 2u64.pow(failures.min(8)));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            if failures > 0 {
+                info!("sharing discovery with the other replicas again");
+                failures = 0;
+            }
+        }
+        tokio::select! {
+            () = hub.records_changed() => {}
+            changed = session.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                hub.rewrite_records();
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Reads every replica's records (a blocking query on `<prefix>/discovery/`) into the hub.
+pub async fn read_records(
+    hub: Arc<Hub>,
+    client: Client,
+    prefix: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let dir = format!("{}/", discovery_prefix(&prefix));
+    let mut index: Option<u64> = None;
+    let mut failures = 0u32;
+    loop {
+        let read = tokio::select! {
+            read = client.kv_list(&dir, index, Duration::from_secs(300)) => read,
+            _ = shutdown.changed() => return,
+        };
+        match read {
+            Ok(list) => {
+                if failures > 0 {
+                    info!("reading the other replicas' discovery again");
+                    failures = 0;
+                }
+                let mut records = Vec::with_capacity(list.value.len());
+                for entry in &list.value {
+                    match serde_json::from_slice::<DiscoveryRecord>(&entry.value) {
+                        Ok(r) => records.push(r),
+                        Err(e) => {
+                            warn!(key = %entry.key, error = %e, "ignoring a discovery record that does not decode")
+                        }
+                    }
+                }
+                hub.set_remote(records);
+                // An index that goes backwards means Consul's state was reset: read afresh.
+                index = match index {
+                    Some(i) if list.index < i => None,
+                    _ => Some(list.index.max(1)),
+                };
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    warn!(error = %e, "cannot read the other replicas' discovery; keeping what was read");
+                }
+                index = None;
+                let wait = Duration::from_millis(250 * 2u64.pow(failures.min(7)));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmesh_model::Health;
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    fn id(node: &str) -> SpiffeId {
+        SpiffeId::agent("vmesh", "dc1", node).unwrap()
+    }
+
+    fn record(node: &str, replica: &str, connected: u64, closed: Option<u64>) -> DiscoveryRecord {
+        DiscoveryRecord {
+            spiffe_id: id(node),
+            replica: replica.into(),
+            connected_unix: connected,
+            disconnected_unix: closed,
+            instances: vec![SharedInstance {
+                service: "web".into(),
+                instance: ServiceInstance {
+                    node: node.into(),
+                    datacenter: "dc1".into(),
+                    id: format!("web-{replica}"),
+                    address: "10.0.0.1".into(),
+                    port: 80,
+                    tags: vec![],
+                    health: Health::Passing,
+                },
+            }],
+        }
+    }
+
+    fn ids(view: &RemoteView, now: Instant, wall: SystemTime) -> Vec<String> {
+        let mut catalog = Catalog::new();
+        view.add_to(&mut catalog, |_| false, now, wall);
+        catalog
+            .instances("web")
+            .iter()
+            .map(|i| format!("{}/{}", i.node, i.id))
+            .collect()
+    }
+
+    fn wall(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn other_replicas_records_count_and_our_own_are_ignored() {
+        let mut view = RemoteView::new("a", GRACE);
+        let now = Instant::now();
+        assert!(view.set(
+            vec![
+                record("vm-1", "a", 100, None),
+                record("vm-2", "b", 100, None)
+            ],
+            now
+        ));
+        assert_eq!(ids(&view, now, wall(200)), vec!["vm-2/web-b"]);
+        assert!(
+            !view.set(vec![record("vm-2", "b", 100, None)], now),
+            "no change"
+        );
+        assert_eq!(view.next_expiry(now, wall(200)), None);
+    }
+
+    #[test]
+    fn a_closed_stream_counts_for_the_grace_period_from_when_it_closed() {
+        let mut view = RemoteView::new("a", GRACE);
+        let now = Instant::now();
+        view.set(vec![record("vm-2", "b", 100, Some(190))], now);
+        // Closed 10 s ago (wall clock 200): 50 s left.
+        assert_eq!(ids(&view, now, wall(200)).len(), 1);
+        assert_eq!(
+            view.next_expiry(now, wall(200)),
+            Some(now + Duration::from_secs(50))
+        );
+        let later = now + Duration::from_secs(50);
+        assert!(ids(&view, later, wall(250)).is_empty());
+        assert!(view.expire(&DenyList::new(), later, wall(250)));
+        assert_eq!(view.agents(), 0);
+    }
+
+    #[test]
+    fn a_vanished_record_a_dead_replica_counts_for_the_grace_period_from_when_it_vanished() {
+        let mut view = RemoteView::new("a", GRACE);
+        let t0 = Instant::now();
+        view.set(vec![record("vm-2", "b", 100, None)], t0);
+        assert!(view.set(vec![], t0 + Duration::from_secs(5)));
+        let in_grace = t0 + Duration::from_secs(64);
+        assert_eq!(ids(&view, in_grace, wall(300)).len(), 1);
+        assert_eq!(
+            view.next_expiry(in_grace, wall(300)),
+            Some(t0 + Duration::from_secs(65))
+        );
+        assert!(!view.expire(&DenyList::new(), in_grace, wall(300)));
+        assert!(view.expire(&DenyList::new(), t0 + Duration::from_secs(65), wall(301)));
+        // It comes back (the agent reconnected to that replica): it counts again.
+        assert!(view.set(vec![record("vm-2", "b", 400, None)], t0));
+        assert_eq!(ids(&view, t0, wall(400)).len(), 1);
+    }
+
+    #[test]
+    fn an_open_stream_wins_over_a_closed_one_and_the_newest_over_older() {
+        let mut view = RemoteView::new("a", GRACE);
+        let now = Instant::now();
+        view.set(
+            vec![
+                record("vm-2", "b", 100, Some(150)),
+                record("vm-2", "c", 140, None),
+                record("vm-2", "d", 120, None),
+            ],
+            now,
+        );
+        assert_eq!(ids(&view, now, wall(160)), vec!["vm-2/web-c"]);
+    }
+
+    #[test]
+    fn local_agents_and_revoked_agents_do_not_count() {
+        let mut view = RemoteView::new("a", GRACE);
+        let now = Instant::now();
+        view.set(
+            vec![
+                record("vm-2", "b", 100, None),
+                record("vm-3", "b", 100, None),
+            ],
+            now,
+        );
+        let mut catalog = Catalog::new();
+        view.add_to(&mut catalog, |i| *i == id("vm-2"), now, wall(200));
+        assert_eq!(catalog.instances("web").len(), 1);
+        let mut deny = DenyList::new();
+        deny.deny_id(id("vm-3"));
+        assert!(view.expire(&deny, now, wall(200)));
+        assert_eq!(view.agents(), 1);
+    }
+
+    #[test]
+    fn records_round_trip_as_json() {
+        let r = record("vm-2", "b", 100, Some(150));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"service\":\"web\""), "{json}");
+        assert_eq!(serde_json::from_str::<DiscoveryRecord>(&json).unwrap(), r);
+        assert_eq!(
+            record_key("vmesh", &id("vm-2"), "b"),
+            "vmesh/discovery/dc1/vm-2/b"
+        );
+    }
+}
