@@ -408,3 +408,56 @@ fn replicas_share_discovery_and_keep_a_dead_replicas_agents_for_the_grace_period
     );
     b.assert_alive();
 }
+
+#[test]
+fn a_restarting_local_consul_agent_or_vmesh_agent_loses_no_endpoint() {
+    let consul = ConsulEmulator::start();
+    let port = free_port();
+    routing(&consul, port);
+    let relay = RelayController::start(&consul, &[]);
+    let token = create_token(&consul, None, Some(1), None);
+    let mut web = WebVm::new(61);
+    web.vm.start_agent(&relay, &token, &[]);
+    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    wait_serving(port, &["web@vm-61"]);
+
+    // The VM's Consul agent goes down: the vmesh agent keeps reporting what it last read.
+    let traffic = Traffic::start(port);
+    web.vm.consul.stop();
+    eventually(
+        DEADLINE,
+        "the agent to notice its Consul agent is down",
+        || {
+            web.vm
+                .agent_log()
+                .contains("Consul agent")
+                .then_some(())
+                .ok_or_else(|| "nothing logged yet".to_string())
+        },
+    );
+    traffic.wait_for(20);
+    // While it is down, the vmesh agent restarts too: it reports its last discovery from the
+    // data dir, with the certificate it holds (its token was single-use and is spent).
+    web.vm.kill_agent();
+    web.vm.start_agent(&relay, "", &[]);
+    eventually(DEADLINE, "the restarted agent to reconnect", || {
+        let n = relay.metric("vmesh_relay_agents_connected", "");
+        (n == 1.0).then_some(()).ok_or(format!("{n} connected"))
+    });
+    traffic.wait_for(20);
+    web.vm.consul.restart();
+    // Changes flow again once the Consul agent is back.
+    web.set_health(CheckStatus::Critical);
+    eventually(DEADLINE, "the VM to leave the rotation", || {
+        match get(port, "/", &[]) {
+            Ok(r) if r.status == 503 => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| r.status))),
+        }
+    });
+    let (ok, failures) = traffic.finish();
+    assert!(ok >= 40, "{ok} requests");
+    assert!(
+        failures.iter().all(|f| f == "Ok(503)"),
+        "requests failed before the health check did: {failures:?}"
+    );
+}
