@@ -147,8 +147,16 @@ impl DiscoveryMerger {
 
     /// Every instance of every agent still counted, by service.
     pub fn catalog(&self) -> Catalog {
+        self.catalog_where(|_, _| true)
+    }
+
+    /// [`catalog`](Self::catalog) of the agents (datacenter, node) for which `keep` is true.
+    pub fn catalog_where(&self, keep: impl Fn(&str, &str) -> bool) -> Catalog {
         let mut catalog = Catalog::new();
-        for agent in self.agents.values() {
+        for ((dc, node), agent) in &self.agents {
+            if !keep(dc, node) {
+                continue;
+            }
             for (service, instance) in &agent.instances {
                 catalog.insert(service.clone(), instance.clone());
             }

@@ -312,3 +312,28 @@ fn an_agent_may_not_report_another_machines_address() {
     });
     relay.assert_alive();
 }
+
+#[test]
+fn a_token_cannot_take_over_a_registered_node() {
+    let consul = ConsulEmulator::start();
+    let relay = RelayController::start(&consul, &[]);
+    let rt = runtime();
+    let token = create_token(&consul, None, None, None);
+    rt.block_on(register(&relay, &token, "vm-k", ip(101)))
+        .unwrap();
+    // Another machine with the same (unbound) token claims the node's name.
+    let takeover = rt
+        .block_on(register(&relay, &token, "vm-k", ip(102)))
+        .err()
+        .unwrap();
+    assert_eq!(takeover.code(), tonic::Code::PermissionDenied);
+    assert!(
+        takeover.message().contains("already registered"),
+        "{takeover:?}"
+    );
+    assert_eq!(
+        relay.metric("vmesh_relay_refused_total", "already_registered"),
+        1.0
+    );
+    relay.assert_alive();
+}

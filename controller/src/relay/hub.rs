@@ -40,6 +40,10 @@ struct Agent {
     streams: HashMap<u64, StreamEntry>,
     /// When the current (or last) stream opened, for the shared record.
     connected_unix: u64,
+    /// The current stream has not had a snapshot applied yet: its first one must reach the
+    /// merger even if it equals what the agent reported before (that ends a grace period and
+    /// re-checks the addresses against the stream's).
+    fresh: bool,
 }
 
 #[derive(Debug)]
@@ -155,8 +159,13 @@ impl Hub {
     /// Every replica's records as now in Consul KV.
     pub fn set_remote(&self, records: Vec<DiscoveryRecord>) {
         let mut inner = self.lock();
+        let inner = &mut *inner;
         if inner.remote.set(records, Instant::now()) {
-            self.update_gauges(&inner);
+            // Agents that stream to another replica are not waited for after a start.
+            if let Some(awaiting) = inner.awaiting.as_mut() {
+                awaiting.retain(|id| !inner.remote.has_open(id));
+            }
+            self.update_gauges(inner);
             self.dirty.notify_one();
         }
     }
@@ -166,8 +175,9 @@ impl Hub {
     }
 
     /// The first catalog waits until these agents have reported (see [`publish`]).
-    pub fn await_agents(&self, agents: Vec<SpiffeId>) {
+    pub fn await_agents(&self, mut agents: Vec<SpiffeId>) {
         let mut inner = self.lock();
+        agents.retain(|id| !inner.deny.ids().any(|d| d == id) && !inner.remote.has_open(id));
         inner.awaiting = Some(agents);
         self.dirty.notify_one();
     }
@@ -200,8 +210,10 @@ impl Hub {
             current: None,
             streams: HashMap::new(),
             connected_unix: 0,
+            fresh: true,
         });
         agent.connected_unix = unix(SystemTime::now());
+        agent.fresh = true;
         if agent.identity.address != identity.address {
             info!(agent = %id, old = %agent.identity.address, new = %identity.address, "agent's address changed");
         }
@@ -242,12 +254,15 @@ impl Hub {
             self.metrics.relay_resyncs.inc();
             info!(agent = %id, "asked the agent for a full snapshot");
         }
-        let first_report = agent.discovery.applied_seq().is_some()
-            && inner
-                .awaiting
-                .as_mut()
-                .is_some_and(|a| a.iter().any(|x| x == id));
-        if step.changed || first_report {
+        let first_snapshot = agent.fresh
+            && matches!(
+                message.message,
+                Some(vmesh_proto::v1::agent_message::Message::Snapshot(_))
+            );
+        if first_snapshot {
+            agent.fresh = false;
+        }
+        if step.changed || first_snapshot {
             let instances: Vec<_> = agent.discovery.instances().cloned().collect();
             let refused = inner.merger.update(&agent.identity, &instances);
             for r in &refused {
@@ -434,15 +449,26 @@ pub async fn publish(
                 }
                 inner.awaiting = Some(Vec::new());
             }
-            let mut catalog = inner.merger.catalog();
             let Inner {
                 agents,
                 merger,
                 remote,
                 ..
             } = &*inner;
-            let local =
-                |id: &SpiffeId| agents.get(id).is_some_and(|a| merger.contains(&a.identity));
+            // This replica speaks for the agents it counts, unless one has moved: then its open
+            // stream on another replica wins over the copy kept here for the grace period.
+            let moved: BTreeSet<(String, String)> = agents
+                .iter()
+                .filter(|(id, a)| a.current.is_none() && remote.has_open(id))
+                .map(|(_, a)| (a.identity.datacenter.clone(), a.identity.node.clone()))
+                .collect();
+            let mut catalog =
+                merger.catalog_where(|dc, node| !moved.contains(&(dc.to_owned(), node.to_owned())));
+            let local = |id: &SpiffeId| {
+                agents.get(id).is_some_and(|a| {
+                    merger.contains(&a.identity) && (a.current.is_some() || !remote.has_open(id))
+                })
+            };
             remote.add_to(&mut catalog, local, now, SystemTime::now());
             catalog
         };
@@ -462,4 +488,106 @@ pub async fn publish(
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmesh_proto::v1::{agent_message, DiscoverySnapshot, Hello, ServiceInstance};
+
+    fn hub() -> Hub {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        Hub::new(Duration::from_secs(60), "r1", metrics)
+    }
+
+    fn hello() -> AgentMessage {
+        AgentMessage {
+            message: Some(agent_message::Message::Hello(Hello::default())),
+        }
+    }
+
+    fn snapshot(seq: u64) -> AgentMessage {
+        AgentMessage {
+            message: Some(agent_message::Message::Snapshot(DiscoverySnapshot {
+                seq,
+                instances: vec![ServiceInstance {
+                    id: "web-1".into(),
+                    service: "web".into(),
+                    address: "10.0.0.7".into(),
+                    port: 8080,
+                    health: vmesh_proto::v1::Health::Passing as i32,
+                    ..Default::default()
+                }],
+            })),
+        }
+    }
+
+    #[test]
+    fn an_agent_that_reconnects_with_the_same_services_leaves_its_grace_period() {
+        let hub = hub();
+        let id = SpiffeId::agent("vmesh", "dc1", "vm-1").unwrap();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let first = hub.attach(&id, "01", ip).unwrap();
+        hub.on_message(&id, first.stream, &hello());
+        hub.on_message(&id, first.stream, &snapshot(1));
+        hub.detach(&id, first.stream, Instant::now());
+        assert!(
+            hub.lock().merger.next_expiry().is_some(),
+            "in its grace period"
+        );
+
+        // The agent reconnects and reports exactly what it reported before.
+        let second = hub.attach(&id, "01", ip).unwrap();
+        hub.on_message(&id, second.stream, &hello());
+        hub.on_message(&id, second.stream, &snapshot(2));
+        assert_eq!(
+            hub.lock().merger.next_expiry(),
+            None,
+            "connected again: no grace period may run out"
+        );
+        let records = hub.take_records();
+        assert_eq!(records.len(), 1);
+        let record = records[0].1.as_ref().unwrap();
+        assert_eq!(
+            record.disconnected_unix, None,
+            "the shared record says connected"
+        );
+    }
+
+    #[test]
+    fn messages_of_a_replaced_stream_are_ignored() {
+        let hub = hub();
+        let id = SpiffeId::agent("vmesh", "dc1", "vm-1").unwrap();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let old = hub.attach(&id, "01", ip).unwrap();
+        let new = hub.attach(&id, "02", ip).unwrap();
+        assert!(hub.on_message(&id, old.stream, &snapshot(1)).is_none());
+        assert!(hub.on_message(&id, new.stream, &snapshot(1)).is_some());
+        // The old stream ending does not start a grace period: the new one is current.
+        hub.detach(&id, old.stream, Instant::now());
+        assert_eq!(hub.lock().merger.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_revoked_agent_is_cut_off_and_refused() {
+        let hub = hub();
+        let id = SpiffeId::agent("vmesh", "dc1", "vm-1").unwrap();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let attached = hub.attach(&id, "01", ip).unwrap();
+        hub.on_message(&id, attached.stream, &snapshot(1));
+        let mut deny = DenyList::new();
+        deny.deny_id(id.clone());
+        hub.set_deny(deny);
+        assert!(
+            attached.cancel.borrow().is_some(),
+            "the stream is told to end"
+        );
+        assert_eq!(hub.lock().merger.len(), 0, "its services go at once");
+        assert!(hub.attach(&id, "01", ip).is_err());
+        assert!(
+            hub.take_records().iter().all(|(_, r)| r.is_none()),
+            "its record is deleted"
+        );
+    }
 }

@@ -58,7 +58,8 @@ impl Peer {
 
     fn ip(&self) -> Result<IpAddr, Status> {
         self.addr
-            .map(|a| a.ip())
+            // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d.
+            .map(|a| a.ip().to_canonical())
             .ok_or_else(|| Status::internal("the relay connection has no peer address"))
     }
 
@@ -110,6 +111,16 @@ impl RelayState {
         }
         let serial = certificate_serial(leaf).map_err(|e| bad(e.to_string()))?;
         let not_after = certificate_not_after(leaf).map_err(|e| bad(e.to_string()))?;
+        // The handshake checked validity then; a connection can outlive the certificate.
+        if SystemTime::now() >= not_after {
+            return Err(self.refuse(
+                "certificate_expired",
+                peer,
+                Status::unauthenticated(format!(
+                    "the certificate of {id} has expired; register again with a bootstrap token"
+                )),
+            ));
+        }
         if self.hub.is_revoked(&id, &serial) {
             return Err(self.refuse(
                 "revoked",
@@ -159,9 +170,11 @@ impl RelayState {
     }
 }
 
+/// Consul is unreachable: the details go to the log, not to a caller who may hold no
+/// certificate.
 fn unavailable(e: &RegistryError) -> Status {
     warn!(error = %e, "the relay cannot reach its records in Consul");
-    Status::unavailable(format!("the controller cannot reach Consul: {e}"))
+    Status::unavailable("the controller cannot reach its records in Consul; try again later")
 }
 
 fn token_reason(e: &TokenError) -> &'static str {
@@ -206,6 +219,25 @@ impl Registration for RegistrationService {
                     "agent {id} is revoked; re-admit it with `vmeshctl agent allow` first"
                 )),
             ));
+        }
+        // A node holds one registration at a time: a token (unless bound to the node) must not
+        // let another machine take over a live agent's name.
+        match state.registry.agent(&id).await {
+            Ok(Some(record)) if record.not_after_unix > unix(SystemTime::now()) => {
+                return Err(state.refuse(
+                    "already_registered",
+                    &peer,
+                    Status::permission_denied(format!(
+                        "{id} is already registered (from {}, certificate valid until {} s since the Unix epoch); \
+                         if this VM was rebuilt, run `vmeshctl agent revoke {node}` and `vmeshctl agent allow {node}` first",
+                        record.address,
+                        record.not_after_unix,
+                        node = req.node,
+                    )),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(unavailable(&e)),
         }
         let secret = Secret::new(req.token);
         let token = match state
@@ -304,17 +336,8 @@ impl Relay for RelayService {
                 tokio::pin!(expires);
                 let reason = loop {
                     tokio::select! {
-                        message = inbound.next() => match message {
-                            Some(Ok(message)) => {
-                                if let Some(reply) = state.hub.on_message(&agent.id, attached.stream, &message) {
-                                    if tx.send(Ok(reply)).await.is_err() {
-                                        break "the agent went away".to_owned();
-                                    }
-                                }
-                            }
-                            Some(Err(status)) => break format!("stream error: {}", status.message()),
-                            None => break "the agent closed the stream".to_owned(),
-                        },
+                        // A revocation or an expiry wins over a message that arrived with it.
+                        biased;
                         _ = cancel.changed() => {
                             // The hub only ever sends a status, then forgets the stream.
                             let status = cancel
@@ -330,6 +353,17 @@ impl Relay for RelayService {
                             let _ = tx.send(Err(Status::unauthenticated("the agent's certificate expired; renew it before it does"))).await;
                             break "certificate expired".to_owned();
                         }
+                        message = inbound.next() => match message {
+                            Some(Ok(message)) => {
+                                if let Some(reply) = state.hub.on_message(&agent.id, attached.stream, &message) {
+                                    if tx.send(Ok(reply)).await.is_err() {
+                                        break "the agent went away".to_owned();
+                                    }
+                                }
+                            }
+                            Some(Err(status)) => break format!("stream error: {}", status.message()),
+                            None => break "the agent closed the stream".to_owned(),
+                        },
                         () = tx.closed() => break "the agent went away".to_owned(),
                     }
                 };

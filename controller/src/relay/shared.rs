@@ -182,6 +182,13 @@ impl RemoteView {
         }
     }
 
+    /// Whether another replica holds an open stream of this agent now.
+    pub fn has_open(&self, id: &SpiffeId) -> bool {
+        self.records.iter().any(|((agent, _), seen)| {
+            agent == id && seen.vanished.is_none() && seen.record.disconnected_unix.is_none()
+        })
+    }
+
     /// How many other replicas' agents are counted.
     pub fn agents(&self) -> usize {
         self.records
@@ -196,10 +203,13 @@ impl RemoteView {
 fn counts_until(seen: &Seen, grace: Duration, now: Instant, wall: SystemTime) -> Option<Instant> {
     let closed = seen.record.disconnected_unix.map(|t| {
         // The wall-clock time it closed, as an instant on this machine's monotonic clock.
-        let ago = wall
-            .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(t))
-            .unwrap_or_default();
-        now.checked_sub(ago).unwrap_or(now)
+        // A time too far in the future to represent (a corrupt record) counts as now.
+        let closed_at = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(t))
+            .unwrap_or(wall);
+        let ago = wall.duration_since(closed_at).unwrap_or_default();
+        // Closed longer ago than this machine has run: long expired.
+        now.checked_sub(ago.min(grace)).unwrap_or(now)
     });
     match (closed, seen.vanished) {
         (None, None) => None,

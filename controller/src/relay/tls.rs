@@ -1,8 +1,8 @@
 //! The relay listener's TLS.
 //!
-//! - The server certificate comes from the mesh CA for [`CONTROLLER_SERVER_NAME`] (plus any
-//!   names the operator adds); its key is made in memory and never written anywhere. It is
-//!   re-issued at half-life without a restart: new handshakes get the new one.
+//! - The server certificate comes from the mesh CA for [`CONTROLLER_SERVER_NAME`]; its key is
+//!   made in memory and never written anywhere. It is re-issued at half-life without a restart:
+//!   new handshakes get the new one.
 //! - A client certificate is optional at the handshake (`Registration` has none: the bootstrap
 //!   token is its credential) but, when one is presented, it must chain to the mesh CA, be valid
 //!   now and be meant for client authentication, or the handshake fails. The `Relay` service then

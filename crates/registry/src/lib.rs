@@ -378,7 +378,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Lifts an agent's revocation. False when it was not revoked.
+    /// Lifts a revocation and forgets the agent's registration. Returns false if it was not
+    /// revoked.
     pub async fn allow_agent(&self, id: &SpiffeId) -> Result<bool, RegistryError> {
         let key = self.revocation_key(id)?;
         for _ in 0..CAS_ATTEMPTS {
@@ -390,6 +391,9 @@ impl Registry {
                 .kv_delete(&key, Some(entry.modify_index))
                 .await?
             {
+                // The old registration goes too, so the node can register again with a new
+                // bootstrap token (the relay refuses to register over a live registration).
+                self.client.kv_delete(&self.agent_key(id)?, None).await?;
                 return Ok(true);
             }
         }
