@@ -163,7 +163,16 @@ impl Agent {
             .context("local Consul agent settings")?;
         let consul = Client::new(&config).context("local Consul agent client")?;
         let data = DataDir::open(&args.data_dir)?;
-        let token = args.read_token()?;
+        // The token is only needed until the agent holds a certificate: a token file removed
+        // after the first registration is fine.
+        let token = match args.read_token() {
+            Ok(token) => token,
+            Err(e) if matches!(data.load_credentials(), Ok(Some(_))) => {
+                warn!("{e}; using the certificate in the data dir");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Agent {
             args,
             consul,

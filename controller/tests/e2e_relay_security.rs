@@ -337,3 +337,30 @@ fn a_token_cannot_take_over_a_registered_node() {
     );
     relay.assert_alive();
 }
+
+#[test]
+fn a_request_that_cannot_be_signed_does_not_spend_the_token() {
+    let consul = ConsulEmulator::start();
+    let relay = RelayController::start(&consul, &[]);
+    let rt = runtime();
+    let once = create_token(&consul, None, Some(1), None);
+    let bad = rt.block_on(async {
+        let channel = channel(&relay, None, ip(111)).await.unwrap();
+        RegistrationClient::new(channel)
+            .register(RegisterRequest {
+                token: once.clone(),
+                node: "vm-m".into(),
+                datacenter: "dc1".into(),
+                csr_der: b"not a CSR".to_vec(),
+            })
+            .await
+    });
+    let status = bad.err().unwrap();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("certificate signing request"),
+        "{status:?}"
+    );
+    rt.block_on(register(&relay, &once, "vm-m", ip(111)))
+        .expect("the single-use token still has its use");
+}

@@ -239,6 +239,14 @@ impl Registration for RegistrationService {
             Ok(_) => {}
             Err(e) => return Err(unavailable(&e)),
         }
+        // A request that cannot be signed must not spend a use of the token.
+        vmesh_tls::check_csr(&req.csr_der).map_err(|e| {
+            state.refuse(
+                "bad_request",
+                &peer,
+                Status::invalid_argument(e.to_string()),
+            )
+        })?;
         let secret = Secret::new(req.token);
         let token = match state
             .registry
@@ -258,6 +266,29 @@ impl Registration for RegistrationService {
         let certificate = state
             .issue(&id, &req.csr_der, token.id.clone(), address, &peer)
             .await?;
+        // The token may have been revoked between redeeming it and recording the agent; its
+        // revocation then missed this agent, so revoke it here.
+        let revoked_meanwhile = state
+            .registry
+            .list_tokens()
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .any(|t| t.id == token.id && t.revoked);
+        if revoked_meanwhile {
+            if let Err(e) = state
+                .registry
+                .revoke_agent(&id, "its bootstrap token was revoked", SystemTime::now())
+                .await
+            {
+                return Err(unavailable(&e));
+            }
+            return Err(state.refuse(
+                "token_revoked",
+                &peer,
+                Status::permission_denied(format!("bootstrap token {} has been revoked", token.id)),
+            ));
+        }
         state.metrics.relay_registrations.inc();
         info!(agent = %id, token = %token.id, peer = %peer.describe(), "agent registered");
         Ok(Response::new(RegisterResponse {
@@ -322,7 +353,7 @@ impl Relay for RelayService {
         info!(agent = %agent.id, peer = %peer.describe(), "agent connected");
 
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(64);
+        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(256);
         let span = tracing::info_span!("agent", id = %agent.id);
         tokio::spawn(
             async move {
@@ -356,8 +387,16 @@ impl Relay for RelayService {
                         message = inbound.next() => match message {
                             Some(Ok(message)) => {
                                 if let Some(reply) = state.hub.on_message(&agent.id, attached.stream, &message) {
-                                    if tx.send(Ok(reply)).await.is_err() {
-                                        break "the agent went away".to_owned();
+                                    // Never wait on a peer that stopped reading: that would
+                                    // hold off revocation and expiry too.
+                                    match tx.try_send(Ok(reply)) {
+                                        Ok(()) => {}
+                                        Err(mpsc::error::TrySendError::Full(_)) => {
+                                            break "the agent stopped reading its stream".to_owned();
+                                        }
+                                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                                            break "the agent went away".to_owned();
+                                        }
                                     }
                                 }
                             }

@@ -396,6 +396,14 @@ impl CertificateAuthority for BuiltinCa {
     }
 }
 
+/// Checks that `csr_der` is a PKCS#10 request whose signature verifies, as signing would,
+/// without signing anything (e.g. before spending a bootstrap token on it).
+pub fn check_csr(csr_der: &[u8]) -> Result<(), CaError> {
+    CertificateSigningRequestParams::from_der(&csr_der.into())
+        .map(|_| ())
+        .map_err(|e| CaError::InvalidCsr(e.to_string()))
+}
+
 /// A private key in PKCS#8 PEM. `Debug` prints `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PrivateKeyPem(String);

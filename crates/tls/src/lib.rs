@@ -14,9 +14,9 @@ mod id;
 pub mod tokens;
 
 pub use ca::{
-    certificate_not_after, certificate_serial, certificates_to_pem, new_key_and_csr, BuiltinCa,
-    CaError, CertificateAuthority, IssuedCertificate, PrivateKeyPem, CONTROLLER_SERVER_NAME,
-    DEFAULT_LEAF_TTL,
+    certificate_not_after, certificate_serial, certificates_to_pem, check_csr, new_key_and_csr,
+    BuiltinCa, CaError, CertificateAuthority, IssuedCertificate, PrivateKeyPem,
+    CONTROLLER_SERVER_NAME, DEFAULT_LEAF_TTL,
 };
 pub use deny::DenyList;
 pub use id::{IdError, Principal, SpiffeId};
