@@ -291,6 +291,10 @@ impl Hub {
         if agent.current == Some(stream) {
             agent.current = None;
             inner.merger.disconnected(&agent.identity, now);
+            // An agent that never reported anything has nothing to keep for a grace period.
+            if agent.streams.is_empty() && !inner.merger.contains(&agent.identity) {
+                inner.agents.remove(id);
+            }
             self.record_changed(inner, id);
             self.dirty.notify_one();
         }
