@@ -17,7 +17,7 @@ use vmesh_proto::v1::registration_client::RegistrationClient;
 use vmesh_proto::v1::relay_client::RelayClient;
 use vmesh_proto::v1::{
     agent_message, controller_message, AgentMessage, DiscoverySnapshot, Health, Hello,
-    RegisterRequest, ServiceInstance,
+    RegisterRequest, RenewRequest, ServiceInstance,
 };
 use vmesh_testkit::consul::ConsulEmulator;
 use vmesh_testkit::{eventually, free_port, http_get};
@@ -363,4 +363,51 @@ fn a_request_that_cannot_be_signed_does_not_spend_the_token() {
     );
     rt.block_on(register(&relay, &once, "vm-m", ip(111)))
         .expect("the single-use token still has its use");
+}
+
+#[test]
+fn certificates_from_before_a_revocation_cannot_be_renewed_after_it_is_lifted() {
+    let consul = ConsulEmulator::start();
+    let relay = RelayController::start(&consul, &[]);
+    let rt = runtime();
+    let token = create_token(&consul, None, None, None);
+    let old = rt
+        .block_on(register(&relay, &token, "vm-n", ip(121)))
+        .unwrap();
+
+    // `vmeshctl agent revoke vm-n`, then `vmeshctl agent allow vm-n`.
+    let vmeshctl =
+        std::path::Path::new(env!("CARGO_BIN_EXE_vmesh-controller")).with_file_name("vmeshctl");
+    for action in ["revoke", "allow"] {
+        let out = std::process::Command::new(&vmeshctl)
+            .args(["agent", action, "vm-n", "--consul-addr", &consul.url()])
+            .output()
+            .expect("run vmeshctl (build it with `cargo build -p vmeshctl`)");
+        assert!(out.status.success(), "{action}: {out:?}");
+    }
+
+    let renew = || {
+        rt.block_on(async {
+            let (_, csr) = new_key_and_csr().unwrap();
+            let channel = channel(&relay, Some(&old), ip(121)).await?;
+            RelayClient::new(channel)
+                .renew(RenewRequest { csr_der: csr })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        })
+    };
+    eventually(
+        DEADLINE,
+        "the old certificate's renewal to be refused",
+        || match renew() {
+            Err(e) if e.contains("no registration on record") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(relay.metric("vmesh_relay_refused_total", "not_registered") >= 1.0);
+    // The node registers again with a token.
+    rt.block_on(register(&relay, &token, "vm-n", ip(121)))
+        .unwrap();
+    relay.assert_alive();
 }

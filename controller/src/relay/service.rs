@@ -312,14 +312,25 @@ impl Relay for RelayService {
         let peer = Peer::of(&request);
         let agent = state.authenticate(&peer)?;
         let address = peer.ip()?;
-        // The token it registered with stays on record: revoking the token revokes the agent.
-        let token_id = state
+        // Only a registered agent renews, and the token it registered with stays on record
+        // (revoking the token revokes the agent). No record: `vmeshctl agent allow` forgot it
+        // after a revocation, so the certificates from before must not live on.
+        let Some(record) = state
             .registry
             .agent(&agent.id)
             .await
             .map_err(|e| unavailable(&e))?
-            .map(|r| r.token_id)
-            .unwrap_or_else(|| TokenId::new(""));
+        else {
+            return Err(state.refuse(
+                "not_registered",
+                &peer,
+                Status::permission_denied(format!(
+                    "{} has no registration on record; register again with a bootstrap token",
+                    agent.id
+                )),
+            ));
+        };
+        let token_id = record.token_id;
         let certificate = state
             .issue(
                 &agent.id,
