@@ -160,7 +160,7 @@ impl Hub {
     pub fn set_remote(&self, records: Vec<DiscoveryRecord>) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        if inner.remote.set(records, Instant::now()) {
+        if inner.remote.set(records, Instant::now(), SystemTime::now()) {
             // Agents that stream to another replica are not waited for after a start.
             if let Some(awaiting) = inner.awaiting.as_mut() {
                 awaiting.retain(|id| !inner.remote.has_open(id));
@@ -336,9 +336,7 @@ impl Hub {
                 warn!(agent = %id, "agent revoked: stream closed and its services removed");
             }
         }
-        inner
-            .remote
-            .expire(&deny, Instant::now(), SystemTime::now());
+        inner.remote.expire(&deny, Instant::now());
         inner.deny = deny;
         self.update_gauges(inner);
         self.dirty.notify_one();
@@ -390,7 +388,7 @@ pub async fn publish(
         let (next_expiry, waiting) = {
             let inner = hub.lock();
             let waiting = inner.awaiting.as_ref().is_none_or(|a| !a.is_empty());
-            let remote = inner.remote.next_expiry(Instant::now(), SystemTime::now());
+            let remote = inner.remote.next_expiry();
             let next = match (inner.merger.next_expiry(), remote) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -436,7 +434,7 @@ pub async fn publish(
                 hub.update_gauges(&inner);
             }
             let Inner { remote, deny, .. } = &mut *inner;
-            if remote.expire(deny, now, SystemTime::now()) {
+            if remote.expire(deny, now) {
                 info!("another replica's agents' grace period ended: their services are removed");
                 hub.update_gauges(&inner);
             }
@@ -473,7 +471,7 @@ pub async fn publish(
                     merger.contains(&a.identity) && (a.current.is_some() || !remote.has_open(id))
                 })
             };
-            remote.add_to(&mut catalog, local, now, SystemTime::now());
+            remote.add_to(&mut catalog, local, now);
             catalog
         };
         first = false;

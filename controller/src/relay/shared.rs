@@ -66,6 +66,8 @@ pub fn discovery_prefix(prefix: &str) -> String {
 #[derive(Clone, Debug)]
 struct Seen {
     record: DiscoveryRecord,
+    /// When its stream closed, on this machine's monotonic clock (converted once, when read).
+    closed: Option<Instant>,
     /// When this replica noticed the record was deleted.
     vanished: Option<Instant>,
 }
@@ -90,7 +92,7 @@ impl RemoteView {
 
     /// Every record now in KV (this replica's own are ignored). Records that disappeared start
     /// their grace period at `now`. Returns whether anything changed.
-    pub fn set(&mut self, records: Vec<DiscoveryRecord>, now: Instant) -> bool {
+    pub fn set(&mut self, records: Vec<DiscoveryRecord>, now: Instant, wall: SystemTime) -> bool {
         let mut changed = false;
         let mut present = BTreeSet::new();
         for record in records {
@@ -102,15 +104,20 @@ impl RemoteView {
             match self.records.get_mut(&key) {
                 Some(seen) if seen.record == record && seen.vanished.is_none() => {}
                 Some(seen) => {
+                    if seen.record.disconnected_unix != record.disconnected_unix {
+                        seen.closed = closed_at(&record, self.grace, now, wall);
+                    }
                     seen.record = record;
                     seen.vanished = None;
                     changed = true;
                 }
                 None => {
+                    let closed = closed_at(&record, self.grace, now, wall);
                     self.records.insert(
                         key,
                         Seen {
                             record,
+                            closed,
                             vanished: None,
                         },
                     );
@@ -129,37 +136,30 @@ impl RemoteView {
 
     /// Forgets records whose grace period ended, and every record of a revoked agent. Returns
     /// whether any went.
-    pub fn expire(&mut self, deny: &DenyList, now: Instant, wall: SystemTime) -> bool {
+    pub fn expire(&mut self, deny: &DenyList, now: Instant) -> bool {
         let before = self.records.len();
         let grace = self.grace;
         self.records.retain(|(id, _), seen| {
-            !deny.ids().any(|d| d == id)
-                && counts_until(seen, grace, now, wall).is_none_or(|t| t > now)
+            !deny.ids().any(|d| d == id) && counts_until(seen, grace).is_none_or(|t| t > now)
         });
         self.records.len() != before
     }
 
     /// When the next record stops counting, if any will.
-    pub fn next_expiry(&self, now: Instant, wall: SystemTime) -> Option<Instant> {
+    pub fn next_expiry(&self) -> Option<Instant> {
         self.records
             .values()
-            .filter_map(|s| counts_until(s, self.grace, now, wall))
+            .filter_map(|s| counts_until(s, self.grace))
             .min()
     }
 
     /// Adds the instances of every agent not in `local` (this replica's own agents, which it
     /// knows first-hand) to `catalog`: per agent, the newest open stream's record, else the
     /// newest closed one still within its grace period.
-    pub fn add_to(
-        &self,
-        catalog: &mut Catalog,
-        local: impl Fn(&SpiffeId) -> bool,
-        now: Instant,
-        wall: SystemTime,
-    ) {
+    pub fn add_to(&self, catalog: &mut Catalog, local: impl Fn(&SpiffeId) -> bool, now: Instant) {
         let mut best: BTreeMap<&SpiffeId, &Seen> = BTreeMap::new();
         for ((id, _), seen) in &self.records {
-            if local(id) || counts_until(seen, self.grace, now, wall).is_some_and(|t| t <= now) {
+            if local(id) || counts_until(seen, self.grace).is_some_and(|t| t <= now) {
                 continue;
             }
             let rank = |s: &Seen| {
@@ -200,23 +200,31 @@ impl RemoteView {
 }
 
 /// Until when a record counts: `None` while its stream is open and it is in KV.
-fn counts_until(seen: &Seen, grace: Duration, now: Instant, wall: SystemTime) -> Option<Instant> {
-    let closed = seen.record.disconnected_unix.map(|t| {
-        // The wall-clock time it closed, as an instant on this machine's monotonic clock.
-        // A time too far in the future to represent (a corrupt record) counts as now.
-        let closed_at = SystemTime::UNIX_EPOCH
-            .checked_add(Duration::from_secs(t))
-            .unwrap_or(wall);
-        let ago = wall.duration_since(closed_at).unwrap_or_default();
-        // Closed longer ago than this machine has run: long expired.
-        now.checked_sub(ago.min(grace)).unwrap_or(now)
-    });
-    match (closed, seen.vanished) {
+fn counts_until(seen: &Seen, grace: Duration) -> Option<Instant> {
+    match (seen.closed, seen.vanished) {
         (None, None) => None,
         (Some(t), None) | (None, Some(t)) => Some(t + grace),
         // Closed, then deleted: the grace period began when it closed.
         (Some(closed), Some(vanished)) => Some(closed.min(vanished) + grace),
     }
+}
+
+/// When a record's stream closed, as an instant on this machine's monotonic clock. Converted
+/// once, when the record is read: a writer whose clock runs ahead then cannot restart the grace
+/// period on every look, and a time beyond the grace period (or unrepresentable) is expired.
+fn closed_at(
+    record: &DiscoveryRecord,
+    grace: Duration,
+    now: Instant,
+    wall: SystemTime,
+) -> Option<Instant> {
+    record.disconnected_unix.map(|t| {
+        let ago = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(t))
+            .and_then(|closed| wall.duration_since(closed).ok())
+            .unwrap_or_default();
+        now.checked_sub(ago.min(grace)).unwrap_or(now)
+    })
 }
 
 /// Writes this replica's records whenever an agent's discovery changes, under the replica's
@@ -383,9 +391,9 @@ mod tests {
         }
     }
 
-    fn ids(view: &RemoteView, now: Instant, wall: SystemTime) -> Vec<String> {
+    fn ids(view: &RemoteView, now: Instant) -> Vec<String> {
         let mut catalog = Catalog::new();
-        view.add_to(&mut catalog, |_| false, now, wall);
+        view.add_to(&mut catalog, |_| false, now);
         catalog
             .instances("web")
             .iter()
@@ -406,30 +414,28 @@ mod tests {
                 record("vm-1", "a", 100, None),
                 record("vm-2", "b", 100, None)
             ],
-            now
+            now,
+            wall(200)
         ));
-        assert_eq!(ids(&view, now, wall(200)), vec!["vm-2/web-b"]);
+        assert_eq!(ids(&view, now), vec!["vm-2/web-b"]);
         assert!(
-            !view.set(vec![record("vm-2", "b", 100, None)], now),
+            !view.set(vec![record("vm-2", "b", 100, None)], now, wall(200)),
             "no change"
         );
-        assert_eq!(view.next_expiry(now, wall(200)), None);
+        assert_eq!(view.next_expiry(), None);
     }
 
     #[test]
     fn a_closed_stream_counts_for_the_grace_period_from_when_it_closed() {
         let mut view = RemoteView::new("a", GRACE);
         let now = Instant::now();
-        view.set(vec![record("vm-2", "b", 100, Some(190))], now);
+        view.set(vec![record("vm-2", "b", 100, Some(190))], now, wall(200));
         // Closed 10 s ago (wall clock 200): 50 s left.
-        assert_eq!(ids(&view, now, wall(200)).len(), 1);
-        assert_eq!(
-            view.next_expiry(now, wall(200)),
-            Some(now + Duration::from_secs(50))
-        );
+        assert_eq!(ids(&view, now).len(), 1);
+        assert_eq!(view.next_expiry(), Some(now + Duration::from_secs(50)));
         let later = now + Duration::from_secs(50);
-        assert!(ids(&view, later, wall(250)).is_empty());
-        assert!(view.expire(&DenyList::new(), later, wall(250)));
+        assert!(ids(&view, later).is_empty());
+        assert!(view.expire(&DenyList::new(), later));
         assert_eq!(view.agents(), 0);
     }
 
@@ -437,19 +443,16 @@ mod tests {
     fn a_vanished_record_a_dead_replica_counts_for_the_grace_period_from_when_it_vanished() {
         let mut view = RemoteView::new("a", GRACE);
         let t0 = Instant::now();
-        view.set(vec![record("vm-2", "b", 100, None)], t0);
-        assert!(view.set(vec![], t0 + Duration::from_secs(5)));
+        view.set(vec![record("vm-2", "b", 100, None)], t0, wall(200));
+        assert!(view.set(vec![], t0 + Duration::from_secs(5), wall(205)));
         let in_grace = t0 + Duration::from_secs(64);
-        assert_eq!(ids(&view, in_grace, wall(300)).len(), 1);
-        assert_eq!(
-            view.next_expiry(in_grace, wall(300)),
-            Some(t0 + Duration::from_secs(65))
-        );
-        assert!(!view.expire(&DenyList::new(), in_grace, wall(300)));
-        assert!(view.expire(&DenyList::new(), t0 + Duration::from_secs(65), wall(301)));
+        assert_eq!(ids(&view, in_grace).len(), 1);
+        assert_eq!(view.next_expiry(), Some(t0 + Duration::from_secs(65)));
+        assert!(!view.expire(&DenyList::new(), in_grace));
+        assert!(view.expire(&DenyList::new(), t0 + Duration::from_secs(65)));
         // It comes back (the agent reconnected to that replica): it counts again.
-        assert!(view.set(vec![record("vm-2", "b", 400, None)], t0));
-        assert_eq!(ids(&view, t0, wall(400)).len(), 1);
+        assert!(view.set(vec![record("vm-2", "b", 400, None)], t0, wall(400)));
+        assert_eq!(ids(&view, t0).len(), 1);
     }
 
     #[test]
@@ -463,8 +466,9 @@ mod tests {
                 record("vm-2", "d", 120, None),
             ],
             now,
+            wall(160),
         );
-        assert_eq!(ids(&view, now, wall(160)), vec!["vm-2/web-c"]);
+        assert_eq!(ids(&view, now), vec!["vm-2/web-c"]);
     }
 
     #[test]
@@ -477,14 +481,35 @@ mod tests {
                 record("vm-3", "b", 100, None),
             ],
             now,
+            wall(200),
         );
         let mut catalog = Catalog::new();
-        view.add_to(&mut catalog, |i| *i == id("vm-2"), now, wall(200));
+        view.add_to(&mut catalog, |i| *i == id("vm-2"), now);
         assert_eq!(catalog.instances("web").len(), 1);
         let mut deny = DenyList::new();
         deny.deny_id(id("vm-3"));
-        assert!(view.expire(&deny, now, wall(200)));
+        assert!(view.expire(&deny, now));
         assert_eq!(view.agents(), 1);
+    }
+
+    #[test]
+    fn a_writer_clock_ahead_cannot_stretch_the_grace_period() {
+        let mut view = RemoteView::new("a", GRACE);
+        let now = Instant::now();
+        // Closed "in the future" by this machine's clock: counted as closed now, once.
+        view.set(vec![record("vm-2", "b", 100, Some(500))], now, wall(200));
+        assert_eq!(view.next_expiry(), Some(now + GRACE));
+        // Reading the same record again later does not restart it.
+        let later = now + Duration::from_secs(30);
+        view.set(vec![record("vm-2", "b", 100, Some(500))], later, wall(230));
+        assert_eq!(view.next_expiry(), Some(now + GRACE));
+        // A time that cannot be represented is expired, not a panic.
+        view.set(
+            vec![record("vm-2", "b", 100, Some(u64::MAX))],
+            later,
+            wall(230),
+        );
+        assert!(view.next_expiry().is_some());
     }
 
     #[test]
