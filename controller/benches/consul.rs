@@ -72,8 +72,8 @@ fn main() {
         return;
     }
     let envoy_path = envoy_binary().unwrap_or_else(|e| fail(&e));
-    let changes = env_number("VMESH_BENCH_CHANGES", 200);
-    let churn_secs = env_number("VMESH_BENCH_CHURN_SECS", 25);
+    let changes = support::env_count("VMESH_BENCH_CHANGES", 200);
+    let churn_secs = support::env_count("VMESH_BENCH_CHURN_SECS", 25);
     eprintln!(
         "consul: {changes} changes per latency series, {churn_secs} s of churn at {CHURN_RATE}/s; envoy {}",
         envoy_path.display()
@@ -164,17 +164,6 @@ fn main() {
     }
     churn.print();
     drop(envoy);
-}
-
-fn env_number(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .unwrap_or_else(|| fail(&format!("{name}={v:?} is not a positive number"))),
-        Err(_) => default,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
