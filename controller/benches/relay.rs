@@ -1,8 +1,9 @@
 //! The relay: what 1,000 agents cost the controller, how fast a service registered on a VM is
 //! routed to by the edge Envoy, and what `vmesh-agent` itself costs.
 //!
-//! Run: `scripts/setup-envoy && cargo build --release -p vmesh-agent &&
-//! cargo bench -p vmesh-controller --bench relay`
+//! Run: `scripts/setup-envoy && cargo build --profile agent -p vmesh-agent &&
+//! cargo bench -p vmesh-controller --bench relay` (the agent as it is built for VMs, see the
+//! `agent` profile in Cargo.toml).
 //! (`VMESH_BENCH_AGENTS=<n>` simulated agents, default 1000; `VMESH_BENCH_SAMPLES=<n>` samples
 //! per poll interval in part 2, default 100; `VMESH_BENCH_PARTS=1,2,3` which parts to run,
 //! default all; `VMESH_BENCH_LOG=<filter>` the controller's and agents' log filter, default
@@ -23,7 +24,7 @@
 //!    `vmesh_relay_agents_connected` = N and every agent had its new snapshot acknowledged.
 //! 2. **service registered on a VM → routed by the edge Envoy**: a controller with a Gateway,
 //!    the Upstream `{consul: {service: web}}` and a VirtualService to it; one real Envoy; one
-//!    "VM" = an emulator as Consul agent of node `vm-1` at 127.0.0.11, a release `vmesh-agent`
+//!    "VM" = an emulator as Consul agent of node `vm-1` at 127.0.0.11, a `vmesh-agent` (`agent` profile)
 //!    next to it, and two echo servers on 127.0.0.11. Each sample registers `web` on the other
 //!    echo server and deregisters the previous instance, then polls through Envoy without
 //!    sleeping until an answer comes from the new echo server. Run with the agent's default
@@ -126,12 +127,17 @@ fn log_filter() -> Option<String> {
         .filter(|f| !f.is_empty())
 }
 
-/// The release `vmesh-agent`, next to the release `vmesh-controller` this bench starts.
+/// `vmesh-agent` as it is built for VMs (the `agent` profile): `target/agent/vmesh-agent`,
+/// beside the `target/release/` of the controller this bench starts.
 fn agent_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_vmesh-controller")).with_file_name("vmesh-agent");
+    let path = Path::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("agent").join("vmesh-agent"))
+        .unwrap_or_default();
     if !path.exists() {
         fail(&format!(
-            "{} is missing; build it: cargo build --release -p vmesh-agent",
+            "{} is missing; build it: cargo build --profile agent -p vmesh-agent",
             path.display()
         ));
     }
@@ -1076,7 +1082,9 @@ impl VmBench {
             ));
         }
         println!();
-        println!("vmesh-agent (release, --poll-interval 250ms) against its local Consul agent");
+        println!(
+            "vmesh-agent (`agent` profile, --poll-interval 250ms) against its local Consul agent"
+        );
         println!(
             "| phase | window | VmRSS max | RssAnon max | VmHWM | CPU (% of one core) | ticks | goal |"
         );
