@@ -4,15 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+use clap::Parser;
 
 #[derive(Clone, Parser)]
 #[command(
@@ -55,13 +47,8 @@ pub struct Args {
     #[command(flatten)]
     pub consul: vmesh_consul::ConsulFlags,
 
-    /// Log filter, e.g. `info` or `vmesh_agent=debug,info`.
-    #[arg(long, env = "VMESH_LOG", default_value = "info")]
-    pub log: String,
-
-    /// Log format.
-    #[arg(long, env = "VMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub logging: vmesh_telemetry::LogFlags,
 }
 
 impl std::fmt::Debug for Args {
@@ -75,8 +62,7 @@ impl std::fmt::Debug for Args {
             .field("data_dir", &self.data_dir)
             .field("poll_interval", &self.poll_interval)
             .field("bind_addr", &self.bind_addr)
-            .field("log", &self.log)
-            .field("log_format", &self.log_format)
+            .field("logging", &self.logging)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +102,7 @@ mod tests {
         .unwrap();
         assert_eq!(args.poll_interval, Duration::from_millis(250));
         assert_eq!(args.data_dir, PathBuf::from("/var/lib/vmesh-agent"));
-        assert_eq!(args.log_format, LogFormat::Text);
+        assert_eq!(args.logging.log_format, vmesh_telemetry::LogFormat::Text);
         assert!(!format!("{args:?}").contains("s3cret"));
         assert_eq!(args.read_token().unwrap().as_deref(), Some("s3cret"));
     }

@@ -14,10 +14,9 @@ pub mod relay;
 
 use std::future::Future;
 
-use anyhow::Context as _;
 use tracing::info;
 
-pub use args::{Args, LogFormat};
+pub use args::Args;
 pub use backoff::Backoff;
 pub use datadir::{Credentials, DataDir, DataDirError, Identity};
 pub use discovery::LocalReader;
@@ -38,19 +37,4 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             Ok(())
         }
     }
-}
-
-/// Installs the global tracing subscriber for `--log` and `--log-format`.
-pub fn init_logging(args: &Args) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?;
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    match args.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
 }

@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = vmesh_agent::Args::parse();
-    if let Err(e) = vmesh_agent::init_logging(&args) {
+    if let Err(e) = args.logging.init() {
         eprintln!("vmesh-agent: {e:#}");
         return ExitCode::FAILURE;
     }

@@ -4,15 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+use clap::Parser;
 
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -100,13 +92,8 @@ pub struct Args {
     #[arg(long, env = "VMESH_DISCOVERY_WARMUP", default_value = "10s", value_parser = humantime::parse_duration)]
     pub discovery_warmup: Duration,
 
-    /// Log format.
-    #[arg(long, env = "VMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    /// Log filter, e.g. `info` or `vmesh_xds=debug,info`.
-    #[arg(long, env = "VMESH_LOG", default_value = "info")]
-    pub log: String,
+    #[command(flatten)]
+    pub logging: vmesh_telemetry::LogFlags,
 }
 
 fn default_id() -> String {

@@ -23,29 +23,15 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, Instrument};
 use vmesh_xds::server::{AdsServer, Connections};
 
-use crate::args::{Args, LogFormat, SourceChoice};
+use crate::args::{Args, SourceChoice};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    init_logging(&args)?;
+    args.logging.init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vmesh")
         .build()?;
     runtime.block_on(serve(args))
-}
-
-fn init_logging(args: &Args) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?;
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    match args.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
