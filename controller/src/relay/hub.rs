@@ -19,6 +19,8 @@ use vmesh_tls::{DenyList, SpiffeId};
 
 use super::shared::{DiscoveryRecord, RemoteView, SharedInstance};
 use crate::discovery::{AgentIdentity, DiscoveryMerger};
+use vmesh_registry::unix_secs;
+
 use crate::metrics::Metrics;
 use crate::source::{Change, SourceEvent};
 
@@ -129,7 +131,7 @@ impl Hub {
                 let record = inner.agents.get(&id).and_then(|agent| {
                     let (instances, gone_since) = inner.merger.entry(&agent.identity)?;
                     let disconnected_unix = gone_since.map(|t| {
-                        unix(wall).saturating_sub(now.saturating_duration_since(t).as_secs())
+                        unix_secs(wall).saturating_sub(now.saturating_duration_since(t).as_secs())
                     });
                     Some(DiscoveryRecord {
                         spiffe_id: id.clone(),
@@ -212,7 +214,7 @@ impl Hub {
             connected_unix: 0,
             fresh: true,
         });
-        agent.connected_unix = unix(SystemTime::now());
+        agent.connected_unix = unix_secs(SystemTime::now());
         agent.fresh = true;
         if agent.identity.address != identity.address {
             info!(agent = %id, old = %agent.identity.address, new = %identity.address, "agent's address changed");
@@ -485,11 +487,6 @@ pub async fn publish(
             return;
         }
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ use vmesh_proto::v1::relay_server::RelayServer;
 use vmesh_registry::Registry;
 use vmesh_tls::{BuiltinCa, CertificateAuthority, SpiffeId};
 
+use vmesh_registry::unix_secs;
+
 use crate::metrics::Metrics;
 use crate::source::SourceEvent;
 
@@ -118,7 +120,7 @@ pub async fn start(
     // The first catalog waits for the agents registered before this start.
     match tokio::time::timeout(Duration::from_secs(5), registry.list_agents()).await {
         Ok(Ok(records)) => {
-            let now = unix(SystemTime::now());
+            let now = unix_secs(SystemTime::now());
             let expected: Vec<SpiffeId> = records
                 .into_iter()
                 .filter(|r| r.not_after_unix > now)
@@ -227,9 +229,4 @@ async fn watch_revocations(registry: Registry, hub: Arc<Hub>, mut shutdown: watc
             }
         }
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

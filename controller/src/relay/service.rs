@@ -27,6 +27,8 @@ use vmesh_tls::tokens::{Secret, TokenError, TokenId};
 use vmesh_tls::{certificate_not_after, certificate_serial, CertificateAuthority, SpiffeId};
 
 use super::hub::Hub;
+use vmesh_registry::unix_secs;
+
 use crate::metrics::Metrics;
 
 /// What both services share.
@@ -154,8 +156,8 @@ impl RelayState {
             token_id,
             address: address.to_string(),
             serial: issued.serial.clone(),
-            registered_unix: unix(SystemTime::now()),
-            not_after_unix: unix(issued.not_after),
+            registered_unix: unix_secs(SystemTime::now()),
+            not_after_unix: unix_secs(issued.not_after),
         };
         self.registry
             .record_agent(&record)
@@ -165,7 +167,7 @@ impl RelayState {
             certificate_chain_der: issued.chain_der,
             trust_bundle_pem: self.ca.trust_bundle_pem().into_bytes(),
             spiffe_id: id.to_string(),
-            not_after_unix: unix(issued.not_after) as i64,
+            not_after_unix: unix_secs(issued.not_after) as i64,
         })
     }
 }
@@ -223,7 +225,7 @@ impl Registration for RegistrationService {
         // A node holds one registration at a time: a token (unless bound to the node) must not
         // let another machine take over a live agent's name.
         match state.registry.agent(&id).await {
-            Ok(Some(record)) if record.not_after_unix > unix(SystemTime::now()) => {
+            Ok(Some(record)) if record.not_after_unix > unix_secs(SystemTime::now()) => {
                 return Err(state.refuse(
                     "already_registered",
                     &peer,
@@ -425,9 +427,4 @@ impl Relay for RelayService {
         debug!("relay stream started");
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -27,6 +27,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 use vmesh_tls::{new_key_and_csr, CertificateAuthority, CONTROLLER_SERVER_NAME};
 
+use vmesh_registry::unix_secs;
+
 use crate::metrics::Metrics;
 
 /// How long a client may take to complete the TLS handshake.
@@ -92,7 +94,7 @@ impl ServerCert {
                 Ok(not_after) => {
                     issued = SystemTime::now();
                     info!(
-                        not_after_unix = unix(not_after),
+                        not_after_unix = unix_secs(not_after),
                         "relay server certificate renewed"
                     );
                 }
@@ -234,9 +236,4 @@ fn refused(metrics: &Metrics, peer: SocketAddr, error: &io::Error) {
     };
     metrics.refused(reason);
     warn!(%peer, reason, error = %error, "relay TLS handshake refused");
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

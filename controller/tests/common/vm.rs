@@ -17,6 +17,8 @@ use super::{Controller, DEADLINE};
 pub struct RelayController {
     pub controller: Controller,
     pub relay_port: u16,
+    /// The controller's `--data-dir` (its built-in CA is in `ca/`).
+    data_dir: PathBuf,
 }
 
 impl RelayController {
@@ -44,6 +46,7 @@ impl RelayController {
         let r = RelayController {
             controller,
             relay_port,
+            data_dir,
         };
         // The CA is loaded (or created) before the relay listens.
         eventually(DEADLINE, "the relay to listen", || {
@@ -61,14 +64,7 @@ impl RelayController {
 
     /// The built-in CA's certificate: what an operator hands to agents as `--ca-file`.
     pub fn ca_file(&self) -> PathBuf {
-        std::env::temp_dir()
-            .join(format!(
-                "vmesh-e2e-relay-{}-{}",
-                std::process::id(),
-                self.relay_port
-            ))
-            .join("ca")
-            .join("ca.pem")
+        self.data_dir.join("ca").join("ca.pem")
     }
 
     pub fn relay_addr(&self) -> String {
@@ -96,6 +92,14 @@ impl RelayController {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+}
+
+impl Drop for RelayController {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
