@@ -1,11 +1,9 @@
 //! The local agent's state: services registered on the emulator's one node and their TTL checks.
-//! They live in the same [`Store`] (and under the same raft index) as the KV data, so blocking
-//! node views wake through the same machinery.
+//! The store holds it beside the KV data, and every change takes the next index of the same raft
+//! counter (passed in), so blocking node views wake through the same machinery.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-
-use super::store::Store;
 
 /// A health check's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,11 +191,34 @@ fn expired_output(last: &str) -> String {
     }
 }
 
-impl Store {
+/// The agent's node, services and checks, as the catalog's tables hold them.
+#[derive(Debug, Default)]
+pub(crate) struct LocalAgent {
+    /// Index at which the agent's node (and its `serfHealth` check) was registered in the
+    /// catalog: 0 until the first agent write, which registers it first (as a Consul agent
+    /// does when it joins).
+    pub node_index: u64,
+    /// Index of the last change to the agent's services (the catalog's services table).
+    pub services_index: u64,
+    /// Index of the last change to the agent's checks (the catalog's checks table).
+    pub checks_index: u64,
+    /// The agent's services by ID.
+    pub services: BTreeMap<String, AgentService>,
+    /// The agent's (TTL) checks by check ID.
+    pub checks: BTreeMap<String, AgentCheck>,
+}
+
+/// Takes the next index of the raft counter.
+fn next_index(raft: &mut u64) -> u64 {
+    *raft += 1;
+    *raft
+}
+
+impl LocalAgent {
     /// Registers the agent's node (and `serfHealth`) at the next index if not done yet.
-    fn ensure_node(&mut self) {
+    fn ensure_node(&mut self, raft: &mut u64) {
         if self.node_index == 0 {
-            let idx = self.next_index();
+            let idx = next_index(raft);
             self.node_index = idx;
             self.services_index = idx;
             self.checks_index = idx;
@@ -219,11 +240,12 @@ impl Store {
     /// Consul); a re-registered check keeps its status and output. Returns the service ID.
     pub fn register_service(
         &mut self,
+        raft: &mut u64,
         reg: ServiceRegistration,
         replace_existing_checks: bool,
         now: Instant,
     ) -> String {
-        self.ensure_node();
+        self.ensure_node(raft);
         let id = reg.service_id().to_owned();
         let multi = reg.checks.len() > 1;
         let check_ids: Vec<String> = reg
@@ -311,7 +333,7 @@ impl Store {
         if !service_changed && removed.is_empty() && changed_checks.is_empty() {
             return id;
         }
-        let idx = self.next_index();
+        let idx = next_index(raft);
         if service_changed {
             let mut service = service;
             if service.create_index == 0 {
@@ -338,11 +360,11 @@ impl Store {
     }
 
     /// Removes a service and its checks; returns whether it existed.
-    pub fn deregister_service(&mut self, id: &str) -> bool {
+    pub fn deregister_service(&mut self, raft: &mut u64, id: &str) -> bool {
         if !self.services.contains_key(id) {
             return false;
         }
-        let idx = self.next_index();
+        let idx = next_index(raft);
         self.services.remove(id);
         self.services_index = idx;
         let before = self.checks.len();
@@ -357,6 +379,7 @@ impl Store {
     /// restarts its TTL. Returns whether the check exists.
     pub fn update_check(
         &mut self,
+        raft: &mut u64,
         id: &str,
         status: CheckStatus,
         output: &str,
@@ -369,8 +392,7 @@ impl Store {
         if c.status == status && c.output == output {
             return true;
         }
-        self.raft_index += 1;
-        let idx = self.raft_index;
+        let idx = next_index(raft);
         c.status = status;
         c.output = output.to_owned();
         c.modify_index = idx;
@@ -379,7 +401,7 @@ impl Store {
     }
 
     /// Turns every TTL check whose TTL ran out `critical`; returns whether any changed.
-    pub fn expire_checks(&mut self, now: Instant) -> bool {
+    pub fn expire_checks(&mut self, raft: &mut u64, now: Instant) -> bool {
         let due: Vec<(String, String)> = self
             .checks
             .values()
@@ -390,7 +412,7 @@ impl Store {
         for (id, output) in due {
             let status_before = self.checks.get(&id).map(|c| (c.status, c.output.clone()));
             if status_before != Some((CheckStatus::Critical, output.clone())) {
-                self.update_check(&id, CheckStatus::Critical, &output, now);
+                self.update_check(raft, &id, CheckStatus::Critical, &output, now);
                 changed = true;
             }
             if let Some(c) = self.checks.get_mut(&id) {
@@ -411,43 +433,44 @@ mod tests {
 
     #[test]
     fn register_checks_and_indexes() {
-        let mut st = Store::default();
+        let mut st = LocalAgent::default();
+        let mut raft = 0;
         let now = Instant::now();
         let reg = ServiceRegistration::new("web", 8080)
             .with_id("web-1")
             .with_ttl_check(Duration::from_secs(10));
-        assert_eq!(st.register_service(reg.clone(), false, now), "web-1");
+        assert_eq!(
+            st.register_service(&mut raft, reg.clone(), false, now),
+            "web-1"
+        );
         // Index 1 registered the node, 2 the service.
-        assert_eq!(st.raft_index, 2);
+        assert_eq!(raft, 2);
         assert_eq!(st.checks["service:web-1"].status, CheckStatus::Critical);
         // The same definition again changes nothing.
-        st.register_service(reg.clone(), false, now);
-        assert_eq!(st.raft_index, 2);
-        assert!(st.update_check("service:web-1", CheckStatus::Passing, "", now));
-        assert_eq!(
-            (st.raft_index, st.checks_index, st.services_index),
-            (3, 3, 2)
-        );
+        st.register_service(&mut raft, reg.clone(), false, now);
+        assert_eq!(raft, 2);
+        assert!(st.update_check(&mut raft, "service:web-1", CheckStatus::Passing, "", now));
+        assert_eq!((raft, st.checks_index, st.services_index), (3, 3, 2));
         assert_eq!((st.node_services_index(), st.node_checks_index()), (2, 3));
         // Re-registering keeps the status.
-        st.register_service(reg.with_tags(&["v2"]), false, now);
+        st.register_service(&mut raft, reg.with_tags(&["v2"]), false, now);
         assert_eq!(st.checks["service:web-1"].status, CheckStatus::Passing);
         assert_eq!(st.checks["service:web-1"].service_tags, vec!["v2"]);
-        assert!(!st.update_check("nope", CheckStatus::Passing, "", now));
+        assert!(!st.update_check(&mut raft, "nope", CheckStatus::Passing, "", now));
         let later = now + Duration::from_secs(11);
-        assert!(st.expire_checks(later));
+        assert!(st.expire_checks(&mut raft, later));
         assert_eq!(st.checks["service:web-1"].status, CheckStatus::Critical);
         assert_eq!(st.checks["service:web-1"].output, "TTL expired");
-        assert!(!st.expire_checks(later));
-        assert!(st.deregister_service("web-1"));
+        assert!(!st.expire_checks(&mut raft, later));
+        assert!(st.deregister_service(&mut raft, "web-1"));
         assert!(st.checks.is_empty());
-        assert!(!st.deregister_service("web-1"));
+        assert!(!st.deregister_service(&mut raft, "web-1"));
         let two = ServiceRegistration::new("db", 1)
             .with_ttl_check(Duration::from_secs(1))
             .with_ttl_check(Duration::from_secs(1));
-        st.register_service(two, false, now);
+        st.register_service(&mut raft, two, false, now);
         assert!(st.checks.contains_key("service:db:1") && st.checks.contains_key("service:db:2"));
-        st.register_service(ServiceRegistration::new("db", 1), true, now);
+        st.register_service(&mut raft, ServiceRegistration::new("db", 1), true, now);
         assert!(st.checks.is_empty(), "replace-existing-checks drops them");
     }
 }

@@ -837,6 +837,7 @@ fn check_json(c: &AgentCheck, node: &str, with_indexes: bool) -> Value {
 fn agent_services(sh: &Arc<Shared>) -> Reply {
     let st = sh.lock();
     let map: serde_json::Map<String, Value> = st
+        .agent
         .services
         .values()
         .map(|s| (s.id.clone(), agent_service_json(s, &sh.opts.datacenter)))
@@ -847,6 +848,7 @@ fn agent_services(sh: &Arc<Shared>) -> Reply {
 fn agent_checks(sh: &Arc<Shared>) -> Reply {
     let st = sh.lock();
     let map: serde_json::Map<String, Value> = st
+        .agent
         .checks
         .values()
         .map(|c| (c.id.clone(), check_json(c, &sh.opts.node_name, false)))
@@ -1001,7 +1003,10 @@ async fn agent_register(sh: &Arc<Shared>, q: &Query, body: Body) -> Reply {
         return Reply::error(StatusCode::BAD_REQUEST, "Missing service name");
     }
     let replace = q.has("replace-existing-checks");
-    sh.write(|st| st.register_service(reg, replace, Instant::now()));
+    sh.write(|st| {
+        st.agent
+            .register_service(&mut st.raft_index, reg, replace, Instant::now())
+    });
     sh.timers_changed.notify_one();
     empty_ok()
 }
@@ -1016,7 +1021,7 @@ fn empty_ok() -> Reply {
 }
 
 fn agent_deregister(sh: &Arc<Shared>, id: &str) -> Reply {
-    if sh.write(|st| st.deregister_service(id)) {
+    if sh.write(|st| st.agent.deregister_service(&mut st.raft_index, id)) {
         empty_ok()
     } else {
         Reply::error(
@@ -1036,7 +1041,10 @@ fn agent_check_update(sh: &Arc<Shared>, op: &str, id: &str, q: &Query) -> Reply 
         _ => CheckStatus::Critical,
     };
     let note = q.get("note").unwrap_or("");
-    let found = sh.write(|st| st.update_check(id, status, note, Instant::now()));
+    let found = sh.write(|st| {
+        st.agent
+            .update_check(&mut st.raft_index, id, status, note, Instant::now())
+    });
     sh.timers_changed.notify_one();
     if found {
         empty_ok()
@@ -1062,8 +1070,8 @@ fn node_json(sh: &Shared, st: &Store) -> Value {
         "Datacenter": sh.opts.datacenter,
         "TaggedAddresses": {"lan": addr, "lan_ipv4": addr, "wan": addr, "wan_ipv4": addr},
         "Meta": {"consul-network-segment": ""},
-        "CreateIndex": st.node_index.max(1),
-        "ModifyIndex": st.node_index.max(1),
+        "CreateIndex": st.agent.node_index.max(1),
+        "ModifyIndex": st.agent.node_index.max(1),
     })
 }
 
@@ -1093,11 +1101,16 @@ async fn catalog_node_services(sh: &Arc<Shared>, node: &str, q: &Query) -> Reply
         return Reply::error(StatusCode::BAD_REQUEST, "Missing node name");
     }
     blocking(sh, q, |st| {
-        let index = st.node_services_index();
+        let index = st.agent.node_services_index();
         if node != sh.opts.node_name {
             return Reply::read(index, json!({"Node": null, "Services": null}));
         }
-        let services: Vec<Value> = st.services.values().map(catalog_service_json).collect();
+        let services: Vec<Value> = st
+            .agent
+            .services
+            .values()
+            .map(catalog_service_json)
+            .collect();
         Reply::read(
             index,
             json!({"Node": node_json(sh, st), "Services": services}),
@@ -1111,7 +1124,7 @@ async fn health_node(sh: &Arc<Shared>, node: &str, q: &Query) -> Reply {
         return Reply::error(StatusCode::BAD_REQUEST, "Missing node name");
     }
     blocking(sh, q, |st| {
-        let index = st.node_checks_index();
+        let index = st.agent.node_checks_index();
         if node != sh.opts.node_name {
             return Reply::read(index, json!([]));
         }
@@ -1130,10 +1143,10 @@ async fn health_node(sh: &Arc<Shared>, node: &str, q: &Query) -> Reply {
             "Timeout": "",
             "ExposedPort": 0,
             "Definition": {},
-            "CreateIndex": st.node_index.max(1),
-            "ModifyIndex": st.node_index.max(1),
+            "CreateIndex": st.agent.node_index.max(1),
+            "ModifyIndex": st.agent.node_index.max(1),
         })];
-        checks.extend(st.checks.values().map(|c| check_json(c, node, true)));
+        checks.extend(st.agent.checks.values().map(|c| check_json(c, node, true)));
         Reply::read(index, Value::Array(checks))
     })
     .await

@@ -349,9 +349,10 @@ impl ConsulEmulator {
     /// /v1/agent/service/register` would (without `?replace-existing-checks`). Returns the
     /// service ID. Wakes blocking queries if anything changed.
     pub fn register_service(&self, reg: ServiceRegistration) -> String {
-        let id = self
-            .shared
-            .write(|st| st.register_service(reg, false, Instant::now()));
+        let id = self.shared.write(|st| {
+            st.agent
+                .register_service(&mut st.raft_index, reg, false, Instant::now())
+        });
         self.shared.timers_changed.notify_one();
         id
     }
@@ -359,32 +360,45 @@ impl ConsulEmulator {
     /// Removes a service and its checks (`PUT /v1/agent/service/deregister/<id>`); returns
     /// whether it existed.
     pub fn deregister_service(&self, id: &str) -> bool {
-        self.shared.write(|st| st.deregister_service(id))
+        self.shared
+            .write(|st| st.agent.deregister_service(&mut st.raft_index, id))
     }
 
     /// Sets a check's status as `PUT /v1/agent/check/pass|warn|fail/<id>` without a note would
     /// (output emptied, TTL restarted); returns whether the check exists.
     pub fn set_check_status(&self, check_id: &str, status: CheckStatus) -> bool {
-        let found = self
-            .shared
-            .write(|st| st.update_check(check_id, status, "", Instant::now()));
+        let found = self.shared.write(|st| {
+            st.agent
+                .update_check(&mut st.raft_index, check_id, status, "", Instant::now())
+        });
         self.shared.timers_changed.notify_one();
         found
     }
 
     /// The agent's services, by ID.
     pub fn services(&self) -> Vec<AgentService> {
-        self.shared.lock().services.values().cloned().collect()
+        self.shared
+            .lock()
+            .agent
+            .services
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The agent's checks, by check ID.
     pub fn checks(&self) -> Vec<AgentCheck> {
-        self.shared.lock().checks.values().cloned().collect()
+        self.shared.lock().agent.checks.values().cloned().collect()
     }
 
     /// A check's status, `None` if there is no such check.
     pub fn check_status(&self, check_id: &str) -> Option<CheckStatus> {
-        self.shared.lock().checks.get(check_id).map(|c| c.status)
+        self.shared
+            .lock()
+            .agent
+            .checks
+            .get(check_id)
+            .map(|c| c.status)
     }
 }
 
@@ -409,11 +423,12 @@ async fn session_reaper(shared: Arc<Shared>) {
             let before = st.raft_index;
             let now = Instant::now();
             st.expire_sessions(now);
-            st.expire_checks(now);
+            let st = &mut *st;
+            st.agent.expire_checks(&mut st.raft_index, now);
             if st.raft_index != before {
                 shared.changed.send_replace(st.raft_index);
             }
-            match (st.next_session_expiry(), st.next_check_expiry()) {
+            match (st.next_session_expiry(), st.agent.next_check_expiry()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::agent::{AgentCheck, AgentService};
+use super::agent::LocalAgent;
 use super::util::new_uuid;
 
 /// Consul's cap on a session's lock delay.
@@ -84,18 +84,8 @@ pub(crate) struct Store {
     pub sessions: BTreeMap<String, Session>,
     /// Key → when its lock delay ends.
     pub lock_delays: HashMap<String, Instant>,
-    /// Index at which the agent's node (and its `serfHealth` check) was registered in the
-    /// catalog: 0 until the first agent write, which registers it first (as a Consul agent
-    /// does when it joins).
-    pub node_index: u64,
-    /// Index of the last change to the agent's services (the catalog's services table).
-    pub services_index: u64,
-    /// Index of the last change to the agent's checks (the catalog's checks table).
-    pub checks_index: u64,
-    /// The agent's services by ID.
-    pub services: BTreeMap<String, AgentService>,
-    /// The agent's (TTL) checks by check ID.
-    pub checks: BTreeMap<String, AgentCheck>,
+    /// The local agent's node, services and checks.
+    pub agent: LocalAgent,
 }
 
 fn under<'a, V>(
@@ -396,14 +386,14 @@ impl Store {
         clamp(&mut self.raft_index);
         clamp(&mut self.kv_index);
         clamp(&mut self.sessions_index);
-        clamp(&mut self.node_index);
-        clamp(&mut self.services_index);
-        clamp(&mut self.checks_index);
-        for s in self.services.values_mut() {
+        clamp(&mut self.agent.node_index);
+        clamp(&mut self.agent.services_index);
+        clamp(&mut self.agent.checks_index);
+        for s in self.agent.services.values_mut() {
             clamp(&mut s.create_index);
             clamp(&mut s.modify_index);
         }
-        for c in self.checks.values_mut() {
+        for c in self.agent.checks.values_mut() {
             clamp(&mut c.create_index);
             clamp(&mut c.modify_index);
         }
