@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps as BTreeMap: deterministic iteration, so encoding the same message twice gives the
         // same bytes (content hashes of discovery and config stay stable).
         .btree_map(".")
+        // The services need tonic; the messages alone (what the relay core uses) do not.
+        .client_mod_attribute(".", r#"#[cfg(feature = "grpc")]"#)
+        .server_mod_attribute(".", r#"#[cfg(feature = "grpc")]"#)
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

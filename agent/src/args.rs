@@ -48,7 +48,7 @@ pub struct Args {
     pub consul: vmesh_consul::ConsulFlags,
 
     #[command(flatten)]
-    pub logging: vmesh_telemetry::LogFlags,
+    pub logging: vmesh_runtime::LogFlags,
 }
 
 impl std::fmt::Debug for Args {
@@ -102,7 +102,7 @@ mod tests {
         .unwrap();
         assert_eq!(args.poll_interval, Duration::from_millis(250));
         assert_eq!(args.data_dir, PathBuf::from("/var/lib/vmesh-agent"));
-        assert_eq!(args.logging.log_format, vmesh_telemetry::LogFormat::Text);
+        assert_eq!(args.logging.log_format, vmesh_runtime::LogFormat::Text);
         assert!(!format!("{args:?}").contains("s3cret"));
         assert_eq!(args.read_token().unwrap().as_deref(), Some("s3cret"));
     }

@@ -18,8 +18,15 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use tokio::sync::watch;
+use tracing::{info, warn};
 use vmesh_consul::{parse_agent_checks, parse_agent_services, Client, ConsulError};
+use vmesh_runtime::Shutdown;
+
+use crate::datadir::DataDir;
 use vmesh_consul::{LocalCheck, LocalService};
 use vmesh_proto::v1::{Health, ServiceInstance};
 
@@ -164,6 +171,58 @@ impl LocalReader {
     /// The instances of the last successful read.
     pub fn last(&self) -> Option<&[ServiceInstance]> {
         self.instances.as_deref()
+    }
+}
+
+/// The discovery task: polls the local Consul agent every `interval`, records what changed in
+/// the data dir (so a restart while the Consul agent is down reports the last discovery), and
+/// hands it to the relay session. While the Consul agent does not answer, the last discovery
+/// stands.
+pub async fn poll(
+    mut reader: LocalReader,
+    data: DataDir,
+    interval: Duration,
+    out: watch::Sender<Option<Vec<ServiceInstance>>>,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut down = false;
+    let mut stored = data.load_discovery().ok().flatten();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.requested() => return Ok(()),
+        }
+        vmesh_runtime::test_panic("discovery");
+        match reader.poll().await {
+            Ok(changed) => {
+                if down {
+                    info!("the local Consul agent is reachable again");
+                    down = false;
+                }
+                let Some(instances) = changed else { continue };
+                if stored.as_ref() != Some(&instances) {
+                    if let Err(e) = data.store_discovery(&instances) {
+                        warn!("cannot record the discovery in the data dir: {e}");
+                    }
+                    stored = Some(instances.clone());
+                }
+                if out.send(Some(instances)).is_err() {
+                    // The relay session is gone; the process is stopping.
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                if !down {
+                    warn!(
+                        "cannot read the local Consul agent ({e}); reporting the services last \
+                         read until it answers again"
+                    );
+                    down = true;
+                }
+            }
+        }
     }
 }
 

@@ -40,13 +40,13 @@
 //! is bounded.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vmesh_model::{ConfigSet, Kind, ObjectKey};
 use vmesh_testkit::consul::ConsulEmulator;
+use vmesh_testkit::process::{cpu_ticks, status_kib, ControllerOptions, ControllerProcess};
 use vmesh_testkit::{envoy_binary, free_port, Envoy, HttpClient};
 use vmesh_translate::translate;
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
@@ -256,65 +256,32 @@ const IN_PROCESS_ROUNDS: usize = 30;
 // ---------------------------------------------------------------------------------------------
 // The controller
 
+/// The release controller reading the emulator (the test kit's launcher).
 struct Controller {
-    child: Child,
-    xds_port: u16,
-    admin_port: u16,
-    log: PathBuf,
-    admin_client: HttpClient,
+    process: ControllerProcess,
 }
 
 impl Controller {
     fn start(consul_url: &str) -> Controller {
-        let (xds_port, admin_port) = (free_port(), free_port());
-        let log =
-            std::env::temp_dir().join(format!("vmesh-bench-consul-{}.log", std::process::id()));
-        let log_file =
-            std::fs::File::create(&log).unwrap_or_else(|e| fail(&format!("create log: {e}")));
-        let child = Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-            .args(["--consul-addr", consul_url])
-            .args(["--id", "bench"])
-            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args(["--log", &log_filter().unwrap_or_else(|| "info".into())])
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| fail(&format!("start vmesh-controller: {e}")));
-        let c = Controller {
-            child,
-            xds_port,
-            admin_port,
-            log,
-            admin_client: HttpClient::with_timeout(Duration::from_secs(5), true),
-        };
-        let start = Instant::now();
-        while !c
-            .admin_client
-            .get(&c.admin("/readyz"), &[])
-            .is_ok_and(|r| r.status == 200)
-        {
-            if start.elapsed() > STARTUP {
-                fail(&format!(
-                    "the controller was not ready within {STARTUP:?}; log {}",
-                    c.log.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        c
+        let opts = ControllerOptions::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+            .name("bench-consul")
+            .log(&log_filter().unwrap_or_else(|| "info".into()))
+            .keep(log_filter().is_some())
+            .args(["--consul-addr", consul_url, "--id", "bench"]);
+        let mut process = ControllerProcess::start(opts);
+        process.wait_ready(STARTUP);
+        Controller { process }
     }
 
     fn admin(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_port)
+        self.process.admin(path)
     }
 
     fn envoy(&self) -> Envoy {
         let bootstrap = render(&BootstrapArgs {
             proxy: PROXY.to_string(),
             cluster: None,
-            xds_addr: format!("127.0.0.1:{}", self.xds_port),
+            xds_addr: self.process.xds_addr(),
             protocol: Protocol::Delta,
             admin_port: 0,
         })
@@ -331,54 +298,23 @@ impl Controller {
 
     /// `/metrics`, every sample summed over its labels, by metric name.
     fn metrics(&self) -> Metrics {
-        let text = self
-            .admin_client
-            .get(&self.admin("/metrics"), &[])
-            .unwrap_or_else(|e| fail(&format!("controller /metrics: {e}")))
-            .body;
-        let mut m = BTreeMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((name_labels, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let name = name_labels.split('{').next().unwrap_or(name_labels);
-            if let Ok(v) = value.parse::<f64>() {
-                *m.entry(name.to_string()).or_insert(0.0) += v;
-            }
-        }
-        Metrics(m)
+        Metrics(
+            self.process
+                .metrics()
+                .unwrap_or_else(|e| fail(&format!("controller /metrics: {e}"))),
+        )
     }
 
     /// CPU time (user + system) used so far, in seconds.
     fn cpu(&self) -> f64 {
-        cpu_seconds(self.child.id())
+        cpu_seconds(self.process.pid())
     }
 
     /// (VmRSS, VmHWM) in MiB.
     fn memory(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_else(|e| fail(&format!("controller /proc status: {e}")));
-        let field = |name: &str| -> f64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|kb| kb.parse::<f64>().ok())
-                .map_or(f64::NAN, |kb| kb / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() || log_filter().is_some() {
-            eprintln!("consul: controller log kept: {}", self.log.display());
-        } else {
-            let _ = std::fs::remove_file(&self.log);
-        }
+        let pid = self.process.pid();
+        let mib = |field: &str| status_kib(pid, field) as f64 / 1024.0;
+        (mib("VmRSS"), mib("VmHWM"))
     }
 }
 
@@ -436,7 +372,7 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    support::proc_cpu_ticks(pid) as f64 / clock_ticks()
+    cpu_ticks(pid) as f64 / clock_ticks()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vmesh_testkit::process::{ControllerOptions, ControllerProcess};
 use vmesh_testkit::{envoy_binary, free_port, workspace_root, Envoy, HttpClient};
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
@@ -146,12 +147,9 @@ fn virtual_service(i: usize) -> String {
 }
 
 struct Controller {
-    child: Child,
+    process: ControllerProcess,
     dir: PathBuf,
-    xds_port: u16,
-    admin_port: u16,
     listener_port: u16,
-    log: PathBuf,
 }
 
 impl Controller {
@@ -167,55 +165,27 @@ impl Controller {
         )
         .unwrap_or_else(|e| fail(&format!("write gateway.yaml: {e}")));
         write_atomically(&dir, "web.yaml", &virtual_service(0));
-        let (xds_port, admin_port) = (free_port(), free_port());
-        let log = base.join("controller.log");
-        let log_file =
-            std::fs::File::create(&log).unwrap_or_else(|e| fail(&format!("create log: {e}")));
-        let child = Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-            .arg("--config-dir")
-            .arg(&dir)
-            .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args(["--log", "info"])
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| fail(&format!("start vmesh-controller: {e}")));
-        let c = Controller {
-            child,
+        let opts = ControllerOptions::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+            .name("bench-propagation")
+            .args(["--config-dir", &dir.display().to_string()]);
+        let mut process = ControllerProcess::start(opts);
+        process.wait_ready(STARTUP);
+        Controller {
+            process,
             dir,
-            xds_port,
-            admin_port,
             listener_port,
-            log,
-        };
-        let client = HttpClient::new();
-        let start = Instant::now();
-        while !client
-            .get(&c.admin("/readyz"), &[])
-            .is_ok_and(|r| r.status == 200)
-        {
-            if start.elapsed() > STARTUP {
-                fail(&format!(
-                    "the controller was not ready within {STARTUP:?}; log {}",
-                    c.log.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        c
     }
 
     fn admin(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_port)
+        self.process.admin(path)
     }
 
     fn envoy(&self, protocol: Protocol) -> Envoy {
         let bootstrap = render(&BootstrapArgs {
             proxy: PROXY.to_string(),
             cluster: None,
-            xds_addr: format!("127.0.0.1:{}", self.xds_port),
+            xds_addr: self.process.xds_addr(),
             protocol,
             admin_port: 0,
         })
@@ -307,13 +277,6 @@ impl Controller {
             VMESH_CHANGE_TIMEOUT,
         );
         samples
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

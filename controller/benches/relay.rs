@@ -16,8 +16,9 @@
 //!    (`Endpoint::local_address`; the controller accepts only instances at the connection's
 //!    source address): each registers (its own key and CSR, one unlimited bootstrap token), then
 //!    connects and sends `Hello` + a snapshot of 5 instances (services `svc-<(i+k) mod 10>`),
-//!    driven by `vmesh_proto::relay::AgentDiscovery`, and reconnects with the agent's backoff
-//!    (200 ms doubling up to 30 s, full jitter, reset by an ack) whenever its stream ends. Reports
+//!    driven by the agent's own discovery state machine (the test kit's `SimulatedAgent`), and
+//!    reconnects with the agent's backoff (200 ms doubling up to 30 s, full jitter, reset by an
+//!    ack) whenever its stream ends. Reports
 //!    the controller's RSS before and with N agents streaming, the time from the first connect
 //!    until every snapshot was acknowledged, its CPU over 10 s of steady state; then SIGKILLs
 //!    the controller, starts it again on the same ports and data dir, and reports the time until
@@ -34,31 +35,29 @@
 //!    over the window) idle for 20 s, then with 100 services with TTL checks for 10 s
 //!    unchanged, and for 30 s while the health of a random 10 % of them flips every 2 s.
 //!
-//! Fails (never skips) when Envoy or the agent binary is missing, naming how to get them. Every
-//! wait is bounded.
+//! Fails (never skips) when Envoy is missing, naming how to get it. The agent binary is built
+//! (`agent` profile) when it is missing or older than its sources. Every wait is bounded.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use vmesh_proto::relay::AgentDiscovery;
-use vmesh_proto::v1::registration_client::RegistrationClient;
-use vmesh_proto::v1::relay_client::RelayClient;
-use vmesh_proto::v1::{AgentMessage, Health, RegisterRequest, ServiceInstance};
+use tonic::transport::Endpoint;
+use vmesh_proto::v1::{Health, ServiceInstance};
 use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ConsulOptions, ServiceRegistration};
-use vmesh_testkit::{envoy_binary, free_port, EchoServer, Envoy, HttpClient};
+use vmesh_testkit::process::{
+    cpu_ticks as proc_cpu_ticks, status_kib as proc_status_kib, AgentProcess, ControllerOptions,
+    ControllerProcess,
+};
+use vmesh_testkit::relay::{register_agent, FleetObserver, SimulatedAgent};
+use vmesh_testkit::{envoy_binary, free_port, workspace_binary, EchoServer, Envoy, HttpClient};
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
 mod support;
-use support::{env_count, fail, print_rows, proc_cpu_ticks, proc_status_kib, Gaps, Row};
+use support::{env_count, fail, print_rows, Gaps, Row};
 
 const PROXY: &str = "gateway-proxy";
 const PREFIX: &str = "vmesh/config/";
@@ -127,21 +126,10 @@ fn log_filter() -> Option<String> {
         .filter(|f| !f.is_empty())
 }
 
-/// `vmesh-agent` as it is built for VMs (the `agent` profile): `target/agent/vmesh-agent`,
-/// beside the `target/release/` of the controller this bench starts.
+/// `vmesh-agent` as it is built for VMs (the `agent` profile): `target/agent/vmesh-agent`, built
+/// first when it is missing or older than its sources.
 fn agent_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-        .parent()
-        .and_then(Path::parent)
-        .map(|target| target.join("agent").join("vmesh-agent"))
-        .unwrap_or_default();
-    if !path.exists() {
-        fail(&format!(
-            "{} is missing; build it: cargo build --profile agent -p vmesh-agent",
-            path.display()
-        ));
-    }
-    path
+    workspace_binary("vmesh-agent", "vmesh-agent", "agent")
 }
 
 fn kib_to_mib(kib: u64) -> f64 {
@@ -189,98 +177,65 @@ fn consul_upstream(name: &str) -> String {
     format!("kind: Upstream\nname: {name}\nspec:\n  consul:\n    service: {name}\n")
 }
 
-/// A controller process with its relay on; killed and started again on the same ports and data
-/// directory by [`Controller::restart`].
+/// A controller process with its relay on (the test kit's launcher); killed and started again
+/// on the same ports and data directory by `kill` and `spawn`.
 struct Controller {
-    child: Option<Child>,
-    args: Vec<String>,
-    dir: PathBuf,
-    log: PathBuf,
-    xds_port: u16,
-    admin_port: u16,
+    process: ControllerProcess,
     relay_port: u16,
+    /// `--data-dir`: the built-in CA, kept across restarts.
+    data: PathBuf,
     admin_client: HttpClient,
 }
 
 impl Controller {
     fn start(name: &str, consul_url: &str) -> Controller {
-        let (xds_port, admin_port, relay_port) = (free_port(), free_port(), free_port());
-        let dir =
-            std::env::temp_dir().join(format!("vmesh-bench-relay-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
-        let data = dir.join("data").display().to_string();
-        let args: Vec<String> = [
-            "--consul-addr",
-            consul_url,
-            "--id",
-            "bench",
-            "--xds-addr",
-            &format!("127.0.0.1:{xds_port}"),
-            "--admin-addr",
-            &format!("127.0.0.1:{admin_port}"),
-            "--relay-addr",
-            &format!("127.0.0.1:{relay_port}"),
-            "--data-dir",
-            &data,
-            "--trust-domain",
-            "vmesh",
-            "--log",
-            &log_filter().unwrap_or_else(|| "info".into()),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let relay_port = free_port();
+        let data = std::env::temp_dir().join(format!(
+            "vmesh-bench-relay-{}-{name}-data",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&data);
+        let opts = ControllerOptions::new(env!("CARGO_BIN_EXE_vmesh-controller"))
+            .name(&format!("bench-relay-{name}"))
+            .log(&log_filter().unwrap_or_else(|| "info".into()))
+            .keep(log_filter().is_some())
+            .args([
+                "--consul-addr",
+                consul_url,
+                "--id",
+                "bench",
+                "--relay-addr",
+                &format!("127.0.0.1:{relay_port}"),
+                "--data-dir",
+                &data.display().to_string(),
+                "--trust-domain",
+                "vmesh",
+            ]);
         let mut c = Controller {
-            child: None,
-            args,
-            log: dir.join("controller.log"),
-            dir,
-            xds_port,
-            admin_port,
+            process: ControllerProcess::start(opts),
             relay_port,
+            data,
             admin_client: HttpClient::with_timeout(Duration::from_secs(5), true),
         };
-        c.spawn();
         c.wait_listening(Instant::now());
         c
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap_or_else(|e| fail(&format!("controller log: {e}")));
-        let err = log
-            .try_clone()
-            .unwrap_or_else(|e| fail(&format!("controller log: {e}")));
-        let child = Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| fail(&format!("start vmesh-controller: {e}")));
-        self.child = Some(child);
+        self.process.spawn();
     }
 
     /// SIGKILL, as a crash or a lost machine would.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     fn pid(&self) -> u32 {
-        self.child
-            .as_ref()
-            .map_or_else(|| fail("the controller is not running"), Child::id)
+        self.process.pid()
     }
 
     fn ca_file(&self) -> PathBuf {
-        self.dir.join("data").join("ca").join("ca.pem")
+        self.data.join("ca").join("ca.pem")
     }
 
     fn relay_addr(&self) -> String {
@@ -288,7 +243,11 @@ impl Controller {
     }
 
     fn admin(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_port)
+        self.process.admin(path)
+    }
+
+    fn log(&self) -> String {
+        self.process.log_path().display().to_string()
     }
 
     /// Waits (polling every 2 ms) until the CA exists and the relay accepts connections;
@@ -300,20 +259,16 @@ impl Controller {
             {
                 return Instant::now();
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.process.try_exit() {
                 fail(&format!(
                     "the controller exited ({status}); log {}",
-                    self.log.display()
+                    self.log()
                 ));
             }
             if since.elapsed() > STARTUP {
                 fail(&format!(
                     "the relay did not listen within {STARTUP:?}; log {}",
-                    self.log.display()
+                    self.log()
                 ));
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -323,21 +278,7 @@ impl Controller {
     /// One metric of `/metrics`, summed over its label sets; `None` when the endpoint does not
     /// answer.
     fn metric(&self, name: &str) -> Option<f64> {
-        let text = self
-            .admin_client
-            .get(&self.admin("/metrics"), &[])
-            .ok()?
-            .body;
-        Some(
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        self.process.metric(name, "")
     }
 
     /// From `/agents`: (agents connected, their instances in total).
@@ -367,7 +308,7 @@ impl Controller {
             if t0.elapsed() > timeout {
                 fail(&format!(
                     "{name} was {v:?}, not {want}, after {timeout:?}; log {}",
-                    self.log.display()
+                    self.log()
                 ));
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -394,11 +335,9 @@ impl Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() || log_filter().is_some() {
-            eprintln!("relay: controller log kept: {}", self.log.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        // The launcher keeps (or removes) the log; the data dir is this bench's.
+        if !std::thread::panicking() && log_filter().is_none() {
+            let _ = std::fs::remove_dir_all(&self.data);
         }
     }
 }
@@ -474,11 +413,29 @@ impl Fleet {
                     "only {n} of {} simulated agents were acknowledged within {FLEET_TIMEOUT:?} ({} failed connects); log {}",
                     self.acked_epoch.len(),
                     self.connect_failures.load(Ordering::SeqCst),
-                    controller.log.display()
+                    controller.log()
                 ));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+impl FleetObserver for Fleet {
+    fn stream_starting(&self, _agent: usize) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn stream_opened(&self, _agent: usize) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot_acked(&self, agent: usize, epoch: u64) {
+        self.record(agent, epoch);
+    }
+
+    fn connect_failed(&self, _agent: usize) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -503,119 +460,22 @@ fn sim_instances(i: usize) -> Vec<ServiceInstance> {
         .collect()
 }
 
-fn tls(ca_pem: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(vmesh_tls::CONTROLLER_SERVER_NAME);
-    match identity {
-        Some((chain, key)) => tls.identity(Identity::from_pem(chain, key)),
-        None => tls,
-    }
-}
-
-fn endpoint(relay_addr: &str, tls: ClientTlsConfig, bind: IpAddr) -> Endpoint {
-    Endpoint::from_shared(format!("https://{relay_addr}"))
-        .and_then(|e| e.tls_config(tls))
-        .unwrap_or_else(|e| fail(&format!("relay endpoint: {e}")))
-        .local_address(Some(bind))
-        .connect_timeout(Duration::from_secs(5))
-}
-
-/// Registers simulated agent `i` (node `sim-<i>`) with `token`; returns its endpoint with the
-/// issued certificate.
+/// Registers simulated agent `i` (node `sim-<i>`) with `token`.
 async fn register(
     relay_addr: String,
     ca_pem: Arc<String>,
     token: Arc<String>,
     i: usize,
 ) -> Result<Endpoint, String> {
-    let (key, csr) = vmesh_tls::new_key_and_csr().map_err(|e| e.to_string())?;
-    let channel = endpoint(&relay_addr, tls(&ca_pem, None), sim_ip(i))
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))?;
-    let issued = RegistrationClient::new(channel)
-        .register(RegisterRequest {
-            token: token.to_string(),
-            node: format!("sim-{i}"),
-            datacenter: "dc1".into(),
-            csr_der: csr,
-        })
-        .await
-        .map_err(|s| format!("register: {:?}: {}", s.code(), s.message()))?
-        .into_inner()
-        .certificate
-        .ok_or("register: no certificate")?;
-    let chain =
-        vmesh_tls::certificates_to_pem(issued.certificate_chain_der.iter().map(Vec::as_slice));
-    Ok(endpoint(
+    register_agent(
         &relay_addr,
-        tls(&ca_pem, Some((&chain, key.expose()))),
+        &ca_pem,
+        &token,
+        &format!("sim-{i}"),
+        "dc1",
         sim_ip(i),
-    ))
-}
-
-/// One simulated agent: connects, streams, and reconnects with the agent's backoff whenever the
-/// stream ends, until the runtime is shut down.
-async fn sim_agent(i: usize, endpoint: Endpoint, fleet: Arc<Fleet>) {
-    let mut discovery = AgentDiscovery::new("bench");
-    let _ = discovery.on_local(sim_instances(i));
-    let mut rng = XorShift::new(i as u64 + 1);
-    let mut failures: u32 = 0;
-    loop {
-        let epoch = fleet.epoch.load(Ordering::SeqCst);
-        match sim_stream(i, &endpoint, &mut discovery, &fleet, epoch).await {
-            Ok(true) => failures = 0,
-            Ok(false) => {}
-            Err(_) => {
-                fleet.connect_failures.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        discovery.on_disconnect();
-        failures = failures.saturating_add(1);
-        let full = Duration::from_millis(200)
-            .saturating_mul(1 << (failures - 1).min(10))
-            .min(Duration::from_secs(30));
-        // Full jitter, as `vmesh-agent`'s backoff: uniform in [0, ceiling].
-        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 + 1));
-        tokio::time::sleep(delay).await;
-    }
-}
-
-/// One stream: Hello + snapshot, then answers the controller until the stream ends. Returns
-/// whether the snapshot was acknowledged.
-async fn sim_stream(
-    i: usize,
-    endpoint: &Endpoint,
-    discovery: &mut AgentDiscovery,
-    fleet: &Fleet,
-    epoch: u64,
-) -> Result<bool, String> {
-    let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
-    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
-    for m in discovery.on_connect(BTreeMap::new()) {
-        tx.send(m).await.map_err(|e| e.to_string())?;
-    }
-    let snapshot_seq = discovery.last_sent_seq();
-    let mut inbound = RelayClient::new(channel)
-        .connect(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    fleet.streams.fetch_add(1, Ordering::Relaxed);
-    let mut acked = false;
-    while let Ok(Some(message)) = inbound.message().await {
-        for reply in discovery.on_controller(&message) {
-            if tx.send(reply).await.is_err() {
-                return Ok(acked);
-            }
-        }
-        if !acked && discovery.last_acked_seq() >= snapshot_seq {
-            acked = true;
-            fleet.record(i, epoch);
-        }
-    }
-    Ok(acked)
+    )
+    .await
 }
 
 fn fleet_bench(n: usize) {
@@ -667,8 +527,13 @@ fn fleet_bench(n: usize) {
     // Connect all at once.
     let fleet = Arc::new(Fleet::new(n));
     let t_connect = Instant::now();
-    for (i, endpoint) in endpoints.into_iter().enumerate() {
-        rt.spawn(sim_agent(i, endpoint, fleet.clone()));
+    for (index, endpoint) in endpoints.into_iter().enumerate() {
+        let agent = SimulatedAgent {
+            index,
+            endpoint,
+            instances: sim_instances(index),
+        };
+        rt.spawn(agent.run(fleet.clone()));
     }
     let all_acked = fleet.wait_all(0, &controller);
     let connect = all_acked - t_connect;
@@ -693,7 +558,7 @@ fn fleet_bench(n: usize) {
     if refused != 0.0 {
         fail(&format!(
             "the controller refused {refused} instances; log {}",
-            controller.log.display()
+            controller.log()
         ));
     }
     let (connected, instances) = controller.agents();
@@ -777,11 +642,8 @@ fn fleet_bench(n: usize) {
 // ---------------------------------------------------------------------------------------------
 // Parts 2 and 3: real agents
 
-/// A `vmesh-agent` process.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
+/// A `vmesh-agent` process (the test kit's launcher).
+struct Agent(AgentProcess);
 
 impl Agent {
     fn start(
@@ -792,58 +654,44 @@ impl Agent {
         token: &str,
         extra: &[&str],
     ) -> Agent {
-        let log = data_dir.with_extension("log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap_or_else(|e| fail(&format!("agent log: {e}")));
-        let err = file
-            .try_clone()
-            .unwrap_or_else(|e| fail(&format!("agent log: {e}")));
-        let child = Command::new(binary)
-            .args(["--relay-addr", &controller.relay_addr()])
-            .args(["--ca-file", &controller.ca_file().display().to_string()])
-            .args(["--data-dir", &data_dir.display().to_string()])
-            .args(["--consul-addr", &vm.url()])
-            .args(["--log", &log_filter().unwrap_or_else(|| "info".into())])
-            .args(extra)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env("VMESH_AGENT_TOKEN", token)
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| fail(&format!("start {}: {e}", binary.display())));
-        Agent { child, log }
+        let mut args: Vec<String> = [
+            "--relay-addr",
+            &controller.relay_addr(),
+            "--ca-file",
+            &controller.ca_file().display().to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--consul-addr",
+            &vm.url(),
+            "--log",
+            &log_filter().unwrap_or_else(|| "info".into()),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = [("VMESH_AGENT_TOKEN".to_string(), token.to_string())];
+        Agent(AgentProcess::start(
+            binary,
+            vm.node_name(),
+            &args,
+            &env,
+            &data_dir.with_extension("log"),
+        ))
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.0
+            .pid()
+            .unwrap_or_else(|| fail("the agent is not running"))
     }
 
     fn check_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.0.try_exit() {
             fail(&format!(
-                "vmesh-agent exited ({status}); log {}",
-                self.log.display()
+                "vmesh-agent exited ({status}); log:\n{}",
+                vmesh_testkit::process::tail(&self.0.log(), 30)
             ));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!(
-                "--- vmesh-agent log {} (last lines) ---\n{}",
-                self.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
         }
     }
 }
@@ -915,7 +763,7 @@ impl VmBench {
         let bootstrap = render(&BootstrapArgs {
             proxy: PROXY.to_string(),
             cluster: None,
-            xds_addr: format!("127.0.0.1:{}", controller.xds_port),
+            xds_addr: controller.process.xds_addr(),
             protocol: Protocol::Delta,
             admin_port: 0,
         })
@@ -927,7 +775,7 @@ impl VmBench {
             .build()
             .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
         let token = Controller::create_token(&consul, &rt);
-        let dir = controller.dir.join("vms");
+        let dir = controller.process.dir().join("vms");
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
         VmBench {
             agent_binary: agent_binary.to_owned(),

@@ -15,7 +15,9 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use prometheus_client::registry::Registry;
 use prost::Message;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
+use vmesh_layout::{ControllerStatus, ProxyState, SourceState};
+use vmesh_runtime::Readiness;
 use vmesh_xds::resource::{short_type, Resource, CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use vmesh_xds::server::Connections;
 
@@ -32,6 +34,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// The relay's agents, when the relay runs.
     pub agents: Option<Arc<crate::relay::Hub>>,
+    /// Every component's state.
+    pub readiness: Readiness,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -46,31 +50,45 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Ready once the first config is translated. A config source that cannot be read
-/// does not make the controller unready: it keeps serving the last config it read,
-/// which is what proxies need; it says so here, in /status and in the metrics.
+/// Ready once the first config is translated and every component is serving (ready, or
+/// degraded but still serving). A config source that cannot be read does not make the controller
+/// unready: it keeps serving the last config it read, which is what proxies need; it says so
+/// here, in /status and in the metrics. The first line sums it up; then one line per component.
 async fn ready(State(s): State<AdminState>) -> Response {
     let generation = s.published.borrow().as_ref().map(|p| p.generation);
-    let Some(g) = generation else {
-        let why = match s.health.degraded() {
-            Some(d) => format!(
-                "not ready, degraded: the config source failed {} times in a row ({})\n",
-                d.failures, d.error
-            ),
-            None => "not ready: no config translated yet\n".to_string(),
-        };
-        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
-    };
-    let text = match s.health.degraded() {
-        None => format!("ready (generation {g})\n"),
-        Some(d) => format!(
+    let components = s.readiness.states();
+    let mut text = match (generation, s.health.degraded()) {
+        (None, Some(d)) => format!(
+            "not ready, degraded: the config source failed {} times in a row ({})\n",
+            d.failures, d.error
+        ),
+        (None, None) => "not ready: no config translated yet\n".to_string(),
+        (Some(g), None) => format!("ready (generation {g})\n"),
+        (Some(g), Some(d)) => format!(
             "ready, degraded: the config source failed {} times in a row, for {}s ({}); serving generation {g}\n",
             d.failures,
             d.since.elapsed().map(|e| e.as_secs()).unwrap_or(0),
             d.error
         ),
     };
-    (StatusCode::OK, text).into_response()
+    let waiting: Vec<&str> = components
+        .iter()
+        .filter(|(_, state)| !state.is_serving())
+        .map(|(name, _)| *name)
+        .collect();
+    let ready = generation.is_some() && waiting.is_empty();
+    if generation.is_some() && !ready {
+        text = format!("not ready: {} not serving\n", waiting.join(", "));
+    }
+    for (name, state) in &components {
+        text.push_str(&format!("{name}: {state}\n"));
+    }
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, text).into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -102,31 +120,38 @@ async fn status(State(s): State<AdminState>) -> Response {
     };
     let connections = s.connections.list();
     let acks = local_acks(&published, &connections);
-    let objects = object_statuses(&published, &acks, &s.nacks);
-    let proxies: Vec<Value> = published
+    let proxies = published
         .translation
         .proxies
         .keys()
         .map(|name| {
             let streams: Vec<_> = connections.iter().filter(|c| &c.node == name).collect();
-            json!({
-                "name": name,
-                "connected": streams.len(),
-                "inSync": !streams.is_empty() && streams.iter().all(|c| c.in_sync),
-            })
+            ProxyState {
+                name: name.clone(),
+                connected: streams.len(),
+                in_sync: !streams.is_empty() && streams.iter().all(|c| c.in_sync),
+            }
         })
         .collect();
-    Json(json!({
-        "generation": published.generation,
-        "translationMs": published.took.as_secs_f64() * 1e3,
-        "source": match s.health.degraded() {
-            None => json!({"healthy": true}),
-            Some(d) => json!({"healthy": false, "error": d.error, "failures": d.failures}),
+    Json(ControllerStatus {
+        generation: published.generation,
+        translation_ms: published.took.as_secs_f64() * 1e3,
+        source: match s.health.degraded() {
+            None => SourceState {
+                healthy: true,
+                error: None,
+                failures: None,
+            },
+            Some(d) => SourceState {
+                healthy: false,
+                error: Some(d.error),
+                failures: Some(d.failures),
+            },
         },
-        "objects": objects,
-        "sourceErrors": published.source_errors,
-        "proxies": proxies,
-    }))
+        objects: object_statuses(&published, &acks, &s.nacks),
+        source_errors: published.source_errors.clone(),
+        proxies,
+    })
     .into_response()
 }
 
@@ -231,11 +256,11 @@ async fn agents(State(state): State<AdminState>) -> Response {
     let agents: Vec<serde_json::Value> = hub
         .agents()
         .into_iter()
-        .map(|(id, connected, instances)| {
+        .map(|a| {
             serde_json::json!({
-                "spiffe_id": id.to_string(),
-                "connected": connected,
-                "instances": instances,
+                "spiffe_id": a.id.to_string(),
+                "connected": a.connected,
+                "instances": a.instances,
             })
         })
         .collect();

@@ -93,7 +93,7 @@ pub struct Args {
     pub discovery_warmup: Duration,
 
     #[command(flatten)]
-    pub logging: vmesh_telemetry::LogFlags,
+    pub logging: vmesh_runtime::LogFlags,
 }
 
 fn default_id() -> String {

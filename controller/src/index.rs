@@ -1,10 +1,19 @@
 //! The index: the one writer of the controller's state.
 //!
-//! It applies source changes to the [`ConfigSet`], translates the result and
-//! publishes two immutable values: every proxy's snapshot (read by the xDS
-//! streams) and the whole translation (read by status, metrics and the NACK
-//! reporter). Readers only ever see the latest; they never block the writer.
-//! Bursts coalesce: everything queued when a translation starts goes into it.
+//! It applies source changes to the [`ConfigSet`], translates the result and publishes two
+//! immutable values: every proxy's snapshot (read by the xDS streams) and the whole translation
+//! (read by status, metrics and the NACK reporter). Readers only ever see the latest; they never
+//! block the writer.
+//!
+//! The rules live in [`IndexState`], which does no IO and is tested synchronously:
+//! - bursts coalesce: everything queued when a translation starts goes into it;
+//! - nothing is published while the relay's first catalog is awaited (a restarted controller
+//!   never serves a Consul service without its endpoints);
+//! - an unchanged proxy keeps the same `Arc` snapshot ([`next_snapshots`]), so its streams skip
+//!   it at once, and nothing is sent to the streams when no proxy changed.
+//!
+//! [`Index::run`] only moves events in and translations out, and runs the translator off the
+//! async workers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
-use vmesh_model::{ConfigSet, Problem, SourceMode};
+use vmesh_model::{Catalog, Config, ConfigSet, Problem, SourceMode};
+use vmesh_runtime::{Component, Shutdown};
 use vmesh_translate::Translation;
 use vmesh_xds::server::{Snapshots, SnapshotsRx};
 
@@ -34,84 +44,40 @@ pub struct Published {
 /// The latest translation, `None` until the first one.
 pub type PublishedRx = watch::Receiver<Option<Arc<Published>>>;
 
-pub struct Index {
+/// What the index knows, and when it must translate. No IO.
+#[derive(Debug, Default)]
+pub struct IndexState {
     set: ConfigSet,
     /// The KV ModifyIndex each keyed source was last read at.
     revisions: BTreeMap<String, u64>,
-    snapshots: watch::Sender<Option<Arc<Snapshots>>>,
-    published: watch::Sender<Option<Arc<Published>>>,
-    metrics: Arc<Metrics>,
     /// What agents report, put into every config before translation.
-    catalog: vmesh_model::Catalog,
-    /// Whether to publish nothing until the first catalog arrives (set when the relay runs, so a
-    /// restarted controller never serves Consul services without their endpoints).
+    catalog: Catalog,
+    /// Publish nothing until the first catalog arrives.
     awaiting_catalog: bool,
+    /// Something changed since the last translation (or nothing was translated yet).
+    dirty: bool,
+    generation: u64,
 }
 
-impl Index {
-    pub fn new(metrics: Arc<Metrics>) -> (Self, SnapshotsRx, PublishedRx) {
-        let (snapshots, snapshots_rx) = watch::channel(None);
-        let (published, published_rx) = watch::channel(None);
-        let index = Index {
-            set: ConfigSet::new(),
-            revisions: BTreeMap::new(),
-            snapshots,
-            published,
-            metrics,
-            catalog: vmesh_model::Catalog::default(),
-            awaiting_catalog: false,
-        };
-        (index, snapshots_rx, published_rx)
-    }
-
-    /// Publishes nothing until the first [`Change::Catalog`].
-    pub fn await_catalog(mut self) -> Self {
-        self.awaiting_catalog = true;
-        self
-    }
-
-    /// Applies events until every source is gone.
-    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
-        let mut generation = 0;
-        while let Some(event) = events.recv().await {
-            let mut changed = self.apply(event);
-            while let Ok(more) = events.try_recv() {
-                changed |= self.apply(more);
-            }
-            if (!changed && generation > 0) || self.awaiting_catalog {
-                continue;
-            }
-            generation += 1;
-            let mut config = self.set.snapshot();
-            config.catalog = self.catalog.clone();
-            let source_errors = config.source_errors.clone();
-            let started = Instant::now();
-            // Translation is CPU work; keep it off the async workers that serve proxies.
-            let translation = match tokio::task::spawn_blocking(move || {
-                vmesh_translate::translate(&config)
-            })
-            .await
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "translation panicked; keeping the last config");
-                    continue;
-                }
-            };
-            let took = started.elapsed();
-            self.metrics.translated(took, &translation);
-            self.publish(generation, translation, source_errors, took);
+impl IndexState {
+    /// `awaiting_catalog`: publish nothing until the first [`Change::Catalog`] (set when the
+    /// relay runs).
+    pub fn new(awaiting_catalog: bool) -> Self {
+        IndexState {
+            awaiting_catalog,
+            dirty: true,
+            ..Default::default()
         }
     }
 
-    fn apply(&mut self, event: SourceEvent) -> bool {
-        let mut changed = false;
+    /// Applies one batch of changes.
+    pub fn apply(&mut self, event: SourceEvent) {
         for change in event.changes {
-            changed |= match change {
-                Change::Upsert { source, text } => {
+            self.dirty |= match change {
+                Change::File { source, text } => {
                     self.set.upsert_source(&source, &text, SourceMode::MultiDoc)
                 }
-                Change::Object {
+                Change::KvValue {
                     source,
                     key,
                     text,
@@ -141,7 +107,116 @@ impl Index {
                 }
             };
         }
-        changed
+    }
+
+    /// The config to translate next, with its generation, if there is anything to translate:
+    /// something changed (or nothing was published yet) and no catalog is awaited.
+    pub fn next_translation(&mut self) -> Option<(u64, Config)> {
+        if !self.dirty || self.awaiting_catalog {
+            return None;
+        }
+        self.dirty = false;
+        self.generation += 1;
+        let mut config = self.set.snapshot();
+        config.catalog = self.catalog.clone();
+        Some((self.generation, config))
+    }
+
+    /// The KV revisions of the sources, as of the last change applied.
+    pub fn revisions(&self) -> &BTreeMap<String, u64> {
+        &self.revisions
+    }
+}
+
+/// The snapshots to publish after `translation`, given the `previous` ones: an unchanged proxy
+/// keeps its `Arc`. Also returns how many proxies changed (added, changed or removed).
+pub fn next_snapshots(previous: &Snapshots, translation: &Translation) -> (Snapshots, usize) {
+    let mut next = Snapshots::new();
+    let mut changed = 0;
+    for (proxy, output) in &translation.proxies {
+        match previous.get(proxy) {
+            Some(old) if **old == output.snapshot => {
+                next.insert(proxy.clone(), old.clone());
+            }
+            _ => {
+                changed += 1;
+                next.insert(proxy.clone(), Arc::new(output.snapshot.clone()));
+            }
+        }
+    }
+    changed += previous.keys().filter(|p| !next.contains_key(*p)).count();
+    (next, changed)
+}
+
+/// The index task: [`IndexState`] fed by the sources, publishing to the readers.
+pub struct Index {
+    state: IndexState,
+    snapshots: watch::Sender<Option<Arc<Snapshots>>>,
+    published: watch::Sender<Option<Arc<Published>>>,
+    metrics: Arc<Metrics>,
+    component: Component,
+}
+
+impl Index {
+    /// `component` turns ready with the first publication.
+    pub fn new(
+        state: IndexState,
+        metrics: Arc<Metrics>,
+        component: Component,
+    ) -> (Self, SnapshotsRx, PublishedRx) {
+        let (snapshots, snapshots_rx) = watch::channel(None);
+        let (published, published_rx) = watch::channel(None);
+        if state.awaiting_catalog {
+            component.starting("waiting for the relay's first catalog (discovery warm-up)");
+        } else {
+            component.starting("waiting for the first config read");
+        }
+        let index = Index {
+            state,
+            snapshots,
+            published,
+            metrics,
+            component,
+        };
+        (index, snapshots_rx, published_rx)
+    }
+
+    /// Applies events until every source is gone or a shutdown is asked for.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        mut shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                () = shutdown.requested() => return Ok(()),
+            };
+            let Some(event) = event else {
+                anyhow::ensure!(shutdown.is_requested(), "every config source stopped");
+                return Ok(());
+            };
+            vmesh_runtime::test_panic("index");
+            self.state.apply(event);
+            while let Ok(more) = events.try_recv() {
+                self.state.apply(more);
+            }
+            let Some((generation, config)) = self.state.next_translation() else {
+                continue;
+            };
+            let source_errors = config.source_errors.clone();
+            let started = Instant::now();
+            // Translation is CPU work; keep it off the async workers that serve proxies. A
+            // translation that panics is a bug that would recur on every change: let it end
+            // the process (the supervisor says why) rather than serve stale config silently.
+            let translation =
+                tokio::task::spawn_blocking(move || vmesh_translate::translate(&config))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("translation panicked: {e}"))?;
+            let took = started.elapsed();
+            self.metrics.translated(took, &translation);
+            self.publish(generation, translation, source_errors, took);
+        }
     }
 
     fn publish(
@@ -152,29 +227,15 @@ impl Index {
         took: Duration,
     ) {
         let previous = self.snapshots.borrow().clone().unwrap_or_default();
-        let mut next = Snapshots::new();
-        let mut changed_proxies = 0;
-        for (proxy, output) in &translation.proxies {
-            // Keep the same Arc for an unchanged proxy so its streams skip it at once.
-            match previous.get(proxy) {
-                Some(old) if **old == output.snapshot => {
-                    next.insert(proxy.clone(), old.clone());
-                }
-                _ => {
-                    changed_proxies += 1;
-                    next.insert(proxy.clone(), Arc::new(output.snapshot.clone()));
-                }
-            }
-        }
-        let removed = previous.keys().filter(|p| !next.contains_key(*p)).count();
+        let (next, changed) = next_snapshots(&previous, &translation);
         info!(
             generation,
             proxies = next.len(),
-            changed = changed_proxies + removed,
+            changed,
             took_ms = took.as_secs_f64() * 1e3,
             "config translated"
         );
-        if changed_proxies + removed > 0 || generation == 1 {
+        if changed > 0 || generation == 1 {
             self.snapshots.send_replace(Some(Arc::new(next)));
         } else {
             debug!("no proxy changed");
@@ -183,8 +244,166 @@ impl Index {
             generation,
             translation,
             source_errors,
-            revisions: self.revisions.clone(),
+            revisions: self.state.revisions().clone(),
             took,
         })));
+        self.component.ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmesh_model::{Health, ServiceInstance};
+
+    const GATEWAY: &str =
+        "kind: Gateway\nname: edge\nspec:\n  bindPort: 10000\n  proxyNames: [gw-a]\n";
+
+    fn file(source: &str, text: &str) -> SourceEvent {
+        SourceEvent {
+            changes: vec![Change::File {
+                source: source.into(),
+                text: text.into(),
+            }],
+        }
+    }
+
+    fn upstream(name: &str, port: u16) -> String {
+        format!(
+            "kind: Upstream\nname: {name}\nspec:\n  static:\n    hosts:\n      - address: 127.0.0.1\n        port: {port}\n"
+        )
+    }
+
+    fn vs(upstream: &str) -> String {
+        format!(
+            "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: {upstream}\n"
+        )
+    }
+
+    fn catalog(port: u16) -> Catalog {
+        let mut c = Catalog::new();
+        c.insert(
+            "web",
+            ServiceInstance {
+                node: "vm-1".into(),
+                datacenter: "dc1".into(),
+                id: "web-1".into(),
+                address: "10.0.0.1".into(),
+                port,
+                tags: vec![],
+                health: Health::Passing,
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn a_burst_of_changes_becomes_one_translation() {
+        let mut s = IndexState::new(false);
+        s.apply(file("gw.yaml", GATEWAY));
+        s.apply(file("a.yaml", &upstream("a", 8081)));
+        s.apply(file("web.yaml", &vs("a")));
+        let (generation, config) = s.next_translation().expect("something to translate");
+        assert_eq!(generation, 1);
+        assert_eq!(
+            (
+                config.gateways.len(),
+                config.upstreams.len(),
+                config.virtual_services.len()
+            ),
+            (1, 1, 1),
+            "all three in the one translation"
+        );
+        assert!(s.next_translation().is_none(), "nothing new since");
+    }
+
+    #[test]
+    fn the_first_read_is_published_even_if_empty_and_no_change_is_not_translated() {
+        let mut s = IndexState::new(false);
+        s.apply(SourceEvent::default());
+        assert_eq!(s.next_translation().map(|(g, _)| g), Some(1));
+        s.apply(file("a.yaml", &upstream("a", 8081)));
+        assert_eq!(s.next_translation().map(|(g, _)| g), Some(2));
+        // The same file again (a rescan): no change, no translation.
+        s.apply(file("a.yaml", &upstream("a", 8081)));
+        assert!(s.next_translation().is_none());
+    }
+
+    #[test]
+    fn nothing_is_published_until_the_relays_first_catalog() {
+        let mut s = IndexState::new(true);
+        s.apply(file("a.yaml", &upstream("a", 8081)));
+        assert!(s.next_translation().is_none(), "awaiting the catalog");
+        // The first catalog counts even if empty.
+        s.apply(SourceEvent {
+            changes: vec![Change::Catalog(Catalog::new())],
+        });
+        let (_, config) = s.next_translation().unwrap();
+        assert_eq!(config.upstreams.len(), 1);
+        // The same catalog again changes nothing; a new one does, and it is in the config.
+        s.apply(SourceEvent {
+            changes: vec![Change::Catalog(Catalog::new())],
+        });
+        assert!(s.next_translation().is_none());
+        s.apply(SourceEvent {
+            changes: vec![Change::Catalog(catalog(8080))],
+        });
+        let (_, config) = s.next_translation().unwrap();
+        assert_eq!(config.catalog.instances("web").len(), 1);
+    }
+
+    #[test]
+    fn kv_revisions_follow_the_values_and_go_with_them() {
+        let mut s = IndexState::new(false);
+        s.apply(SourceEvent {
+            changes: vec![Change::KvValue {
+                source: "vmesh/config/Upstream/a".into(),
+                key: vmesh_model::ObjectKey::upstream("a"),
+                text: upstream("a", 8081),
+                revision: 7,
+            }],
+        });
+        assert_eq!(s.revisions().get("vmesh/config/Upstream/a"), Some(&7));
+        s.apply(SourceEvent {
+            changes: vec![Change::Remove {
+                source: "vmesh/config/Upstream/a".into(),
+            }],
+        });
+        assert!(s.revisions().is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_proxy_keeps_its_snapshot_arc() {
+        // gw-a serves web (and so upstream a); gw-b, when there, only a static virtual service.
+        let translate = |upstream_port: u16, with_b: bool| {
+            let mut s = IndexState::new(false);
+            let mut text = format!(
+                "{GATEWAY}  virtualServices: [web]\n---\n{}---\n{}---\n{STATIC}",
+                upstream("a", upstream_port),
+                vs("a")
+            );
+            if with_b {
+                text.push_str("---\nkind: Gateway\nname: other\nspec:\n  bindPort: 10001\n  proxyNames: [gw-b]\n  virtualServices: [static]\n");
+            }
+            s.apply(file("all.yaml", &text));
+            vmesh_translate::translate(&s.next_translation().unwrap().1)
+        };
+        const STATIC: &str = "kind: VirtualService\nname: static\nspec:\n  domains: [static.example.com]\n  routes:\n    - directResponse: {status: 200, body: ok}\n";
+        let (first, changed) = next_snapshots(&Snapshots::new(), &translate(8081, true));
+        assert_eq!(changed, 2, "two new proxies");
+        // The same translation again: the same Arcs, nothing changed.
+        let (same, changed) = next_snapshots(&first, &translate(8081, true));
+        assert_eq!(changed, 0);
+        assert!(Arc::ptr_eq(&same["gw-a"], &first["gw-a"]));
+        // gw-a's upstream changes; gw-b's config does not: only gw-a gets a new Arc.
+        let (next, changed) = next_snapshots(&same, &translate(8082, true));
+        assert_eq!(changed, 1);
+        assert!(!Arc::ptr_eq(&next["gw-a"], &same["gw-a"]));
+        assert!(Arc::ptr_eq(&next["gw-b"], &same["gw-b"]));
+        // gw-b goes away: a removal counts as a change, and gw-a keeps its Arc.
+        let (last, changed) = next_snapshots(&next, &translate(8082, false));
+        assert_eq!(changed, 1);
+        assert!(!last.contains_key("gw-b"));
+        assert!(Arc::ptr_eq(&last["gw-a"], &next["gw-a"]));
     }
 }

@@ -1,13 +1,12 @@
-//! vmesh-controller: watches config sources, translates them into Envoy
-//! resources and serves them over ADS, and reports what happened to every
-//! config object.
+//! vmesh-controller: watches config sources, translates them into Envoy resources and serves
+//! them over ADS, and reports what happened to every config object.
 //!
-//! [`run`] builds every component and spawns each in its own span, so the
-//! wiring of the whole program reads in one place.
+//! [`run`] builds every component and spawns each as a critical task of one
+//! [`Supervisor`], inside a span named after it, so the wiring of the whole program reads in one
+//! place: a task that ends or panics ends the process with a clear log line and a non-zero exit.
 
 mod admin;
 pub mod args;
-pub mod discovery;
 mod index;
 mod leader;
 mod metrics;
@@ -17,48 +16,57 @@ mod status;
 mod status_kv;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, Instrument};
+use tracing::info;
+use vmesh_layout::Layout;
+use vmesh_runtime::Supervisor;
 use vmesh_xds::server::{AdsServer, Connections};
 
 use crate::args::{Args, SourceChoice};
 
+/// How long the tasks get to finish after a stop (the leader hands over, servers drain).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the controller until SIGTERM or SIGINT (then `Ok`), or until a component fails (then
+/// the error says which).
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.logging.init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vmesh")
         .build()?;
-    runtime.block_on(serve(args))
+    runtime.block_on(async {
+        let supervisor = build(args).await?;
+        supervisor
+            .run(vmesh_runtime::shutdown_signal(), STOP_GRACE)
+            .await?;
+        Ok(())
+    })
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+/// Builds every component and spawns its tasks.
+async fn build(args: Args) -> anyhow::Result<Supervisor> {
+    let mut tasks = Supervisor::new();
+    let readiness = tasks.readiness();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        info!("stopping");
-        let _ = shutdown_tx.send(true);
-    });
 
-    // Source → index → (snapshots, translation).
+    // Sources → index → (snapshots, translation).
     let (events_tx, events_rx) = mpsc::channel(64);
-    let (index, snapshots, published) = index::Index::new(metrics.clone());
-    let index = if args.relay_addr.is_some() {
-        index.await_catalog()
-    } else {
-        index
-    };
+    let (index, snapshots, published) = index::Index::new(
+        index::IndexState::new(args.relay_addr.is_some()),
+        metrics.clone(),
+        readiness.component("index"),
+    );
     let health = Arc::new(source::SourceHealth::new(
         metrics.source_up.clone(),
         metrics.source_errors.clone(),
     ));
     let connections = Arc::new(Connections::default());
     let nacks = Arc::new(status::NackLog::default());
-    let mut background = Vec::new();
     let mut agents = None;
     match args.source() {
         SourceChoice::Dir(dir) => {
@@ -69,32 +77,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }
             info!(dir = %dir.display(), "reading config from a directory");
             let source = source::dir::DirSource::new(dir, args.debounce);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = source.run(events_tx).await {
-                        tracing::error!(error = %e, "config directory source stopped");
-                    }
-                }
-                .instrument(tracing::info_span!("source", kind = "dir")),
-            );
+            tasks.spawn("source", source.run(events_tx));
         }
         SourceChoice::Consul => {
             let config = args.consul_config().context("Consul")?;
             let client = vmesh_consul::Client::new(&config).context("Consul")?;
-            let prefix = args.consul_prefix.trim_end_matches('/').to_string();
-            let relay_events = events_tx.clone();
+            let layout = Layout::new(&args.consul_prefix);
             let source = source::consul::ConsulSource {
                 client: client.clone(),
-                prefix: prefix.clone(),
+                layout: layout.clone(),
                 watch: vmesh_consul::WatchConfig::default(),
                 health: health.clone(),
             };
-            info!(consul = %client.address(), prefix = %source.config_prefix(), "reading config from Consul KV");
-            tokio::spawn(
-                source
-                    .run(events_tx)
-                    .instrument(tracing::info_span!("source", kind = "consul")),
-            );
+            info!(consul = %client.address(), prefix = %layout.config_prefix(), "reading config from Consul KV");
 
             // Replicas elect a leader; only it writes status.
             let (leader_tx, leader) = watch::channel(false);
@@ -110,58 +105,58 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     grace: args.discovery_grace,
                     warmup: args.discovery_warmup,
                 };
-                let registry = vmesh_registry::Registry::new(client.clone(), &prefix);
                 let replica = relay::Replica {
                     id: args.id.clone(),
-                    prefix: prefix.clone(),
+                    layout: layout.clone(),
                     session: session.clone(),
                 };
-                let (hub, task) = relay::start(
+                let relay = relay::Relay::start(
                     settings,
-                    registry,
+                    vmesh_registry::Registry::new(client.clone(), layout.prefix()),
                     replica,
                     metrics.clone(),
-                    relay_events,
-                    shutdown.clone(),
+                    events_tx.clone(),
+                    &readiness,
+                    &tasks.shutdown(),
                 )
                 .await?;
-                background.push(task);
-                agents = Some(hub);
+                let t = relay.tasks;
+                tasks.spawn("relay", t.server);
+                tasks.spawn("relay-certificate", t.certificate);
+                tasks.spawn("revocations", t.revocations);
+                tasks.spawn("discovery", t.catalog);
+                tasks.spawn("discovery-share", t.share);
+                tasks.spawn("discovery-read", t.read);
+                agents = Some(relay.hub);
             }
+            tasks.spawn("source", source.run(events_tx));
             let election = leader::Election {
                 client: client.clone(),
-                key: format!("{prefix}/leader"),
+                key: layout.leader_key(),
                 id: args.id.clone(),
                 ttl: args.leader_ttl,
                 lock_delay: args.leader_lock_delay,
+                component: readiness.component("election"),
             };
-            background.push(tokio::spawn(
-                election
-                    .run(leader_tx, session_tx, shutdown.clone())
-                    .instrument(tracing::info_span!("election")),
-            ));
+            tasks.spawn(
+                "election",
+                election.run(leader_tx, session_tx, tasks.shutdown()),
+            );
             let writer = status_kv::StatusWriter {
                 client,
-                prefix: prefix.clone(),
+                layout,
                 id: args.id.clone(),
                 session,
                 leader,
                 published: published.clone(),
                 connections: connections.clone(),
                 nacks: nacks.clone(),
+                component: readiness.component("status"),
             };
-            background.push(tokio::spawn(
-                writer
-                    .run(shutdown.clone())
-                    .instrument(tracing::info_span!("status")),
-            ));
+            tasks.spawn("status", writer.run(tasks.shutdown()));
         }
     }
-    tokio::spawn(
-        index
-            .run(events_rx)
-            .instrument(tracing::info_span!("index")),
-    );
+    tasks.spawn("index", index.run(events_rx, tasks.shutdown()));
 
     // xDS server.
     let observer = Arc::new(status::ControllerObserver {
@@ -175,14 +170,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for xDS on {}", args.xds_addr))?;
     info!(addr = %xds_listener.local_addr()?, "xDS server listening");
     let xds = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(ads.service())
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY a large push (a route configuration with hundreds of
             // virtual hosts) waits about 40 ms for the proxy's delayed ACK.
             tonic::transport::server::TcpIncoming::from(xds_listener).with_nodelay(Some(true)),
-            stopped(shutdown.clone()),
+            tasks.shutdown().wait(),
         );
+    tasks.spawn("xds", async move { Ok(xds.await?) });
 
     // Admin endpoint.
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
@@ -196,44 +192,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         health,
         registry: Arc::new(registry),
         agents,
+        readiness,
     });
-    let admin = axum::serve(admin_listener, app).with_graceful_shutdown(stopped(shutdown.clone()));
-
-    let (xds, admin) = tokio::join!(
-        xds.instrument(tracing::info_span!("xds")),
-        std::future::IntoFuture::into_future(admin).instrument(tracing::info_span!("admin"))
-    );
-    // Let the election hand leadership over before the process ends.
-    for task in background {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
-    }
-    xds.context("xDS server failed")?;
-    admin.context("admin endpoint failed")?;
-    info!("stopped");
-    Ok(())
-}
-
-pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    let admin = axum::serve(admin_listener, app).with_graceful_shutdown(tasks.shutdown().wait());
+    tasks.spawn("admin", async move { Ok(admin.await?) });
+    Ok(tasks)
 }

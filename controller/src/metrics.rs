@@ -185,18 +185,10 @@ impl Metrics {
                 self.objects
                     .get_or_create(&ObjectLabels {
                         kind: kind.as_str(),
-                        state: state_str(state),
+                        state: state.as_str(),
                     })
                     .set(n as i64);
             }
         }
-    }
-}
-
-pub fn state_str(state: State) -> &'static str {
-    match state {
-        State::Accepted => "Accepted",
-        State::Warning => "Warning",
-        State::Rejected => "Rejected",
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use vmesh_layout::{ObjectStatus, ProxyCount, ReplicaReport};
 use vmesh_model::{ObjectKey, Problem, State};
 use vmesh_xds::resource::short_type;
 use vmesh_xds::server::{Connection, Observer, StreamInfo};
@@ -146,37 +146,6 @@ fn type_url_static(type_url: &str) -> &'static str {
         .unwrap_or("")
 }
 
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ObjectStatus {
-    pub kind: String,
-    pub name: String,
-    pub state: State,
-    pub errors: Vec<Problem>,
-    pub warnings: Vec<Problem>,
-    pub source: String,
-    pub version: String,
-    pub serving_last_good: bool,
-    pub serving_version: Option<String>,
-    /// The Consul ModifyIndex of the config value that was judged.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub config_modify_index: Option<u64>,
-    pub proxies: ProxyCount,
-}
-
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct ProxyCount {
-    /// Proxies whose config this object contributes to.
-    pub total: usize,
-    /// Of those, the ones that acknowledged everything it contributes at the current version.
-    pub acked: usize,
-}
-
-/// Per proxy, the objects whose current resources it holds, each with the version of the
-/// object they were translated from. Replicas compute it for the proxies connected to
-/// them; the leader merges every replica's into the status it writes.
-pub type Acks = BTreeMap<String, BTreeMap<ObjectKey, String>>;
-
 /// The version of an object that is being served (its last good one when rejected).
 fn served_version(published: &Published, key: &ObjectKey) -> Option<String> {
     let report = published.translation.reports.get(key)?;
@@ -188,9 +157,11 @@ fn served_version(published: &Published, key: &ObjectKey) -> Option<String> {
     )
 }
 
-/// What the proxies connected to this replica hold.
-pub fn local_acks(published: &Published, connections: &[Connection]) -> Acks {
-    let mut acks = Acks::new();
+/// What the proxies connected to this replica hold: per proxy, the objects whose current
+/// resources it holds, each with the version of the object they were translated from. Replicas
+/// publish it; the leader merges every replica's into the status it writes.
+pub fn local_acks(published: &Published, connections: &[Connection]) -> ReplicaReport {
+    let mut acks = ReplicaReport::default();
     for (proxy, output) in &published.translation.proxies {
         let streams: Vec<&Connection> = connections.iter().filter(|c| &c.node == proxy).collect();
         if streams.is_empty() {
@@ -217,27 +188,24 @@ pub fn local_acks(published: &Published, connections: &[Connection]) -> Acks {
             .filter(|k| !behind.contains(k))
             .filter_map(|k| Some((k.clone(), served_version(published, k)?)))
             .collect();
-        acks.insert(proxy.clone(), held);
+        acks.proxies.insert(proxy.clone(), held);
     }
     acks
 }
 
-/// Adds what `other` says proxies hold.
-pub fn merge_acks(into: &mut Acks, other: Acks) {
-    for (proxy, objects) in other {
-        into.entry(proxy).or_default().extend(objects);
-    }
-}
-
 /// Every object's status, sorted by kind and name.
-pub fn object_statuses(published: &Published, acks: &Acks, nacks: &NackLog) -> Vec<ObjectStatus> {
+pub fn object_statuses(
+    published: &Published,
+    acks: &ReplicaReport,
+    nacks: &NackLog,
+) -> Vec<ObjectStatus> {
     let mut counts: BTreeMap<&ObjectKey, ProxyCount> = BTreeMap::new();
     for (proxy, output) in &published.translation.proxies {
         let affected: BTreeSet<&ObjectKey> = output.origins.values().flatten().collect();
         for key in affected {
             let c = counts.entry(key).or_default();
             c.total += 1;
-            let held = acks.get(proxy).and_then(|m| m.get(key));
+            let held = acks.proxies.get(proxy).and_then(|m| m.get(key));
             if held.is_some() && held.cloned() == served_version(published, key) {
                 c.acked += 1;
             }
@@ -276,4 +244,171 @@ pub fn object_statuses(published: &Published, acks: &Acks, nacks: &NackLog) -> V
             status
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+    use vmesh_model::{ConfigSet, SourceMode};
+    use vmesh_xds::stream::Mode;
+
+    const CONFIG: &str = "kind: Gateway\nname: edge\nspec:\n  bindPort: 10000\n  proxyNames: [gw]\n---\nkind: Upstream\nname: a\nspec:\n  static:\n    hosts:\n      - address: 127.0.0.1\n        port: 8081\n---\nkind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: a\n";
+
+    fn published(text: &str) -> Published {
+        let mut set = ConfigSet::new();
+        set.upsert_source("all.yaml", text, SourceMode::MultiDoc);
+        let config = set.snapshot();
+        Published {
+            generation: 1,
+            source_errors: config.source_errors.clone(),
+            translation: vmesh_translate::translate(&config),
+            revisions: BTreeMap::from([("all.yaml".to_string(), 7)]),
+            took: Duration::ZERO,
+        }
+    }
+
+    /// A stream of proxy `gw` holding every resource of `published`, except `missing`
+    /// (type URL, name), which it holds at an older version.
+    fn connection(published: &Published, missing: Option<&str>) -> Connection {
+        let mut acked = HashMap::new();
+        for (type_url, by_name) in &published.translation.proxies["gw"].snapshot.resources {
+            for (name, r) in by_name {
+                let version = if missing == Some(short_type(type_url)) {
+                    "old".to_string()
+                } else {
+                    r.version.clone()
+                };
+                acked.insert((type_url.to_string(), name.clone()), version);
+            }
+        }
+        Connection {
+            node: "gw".into(),
+            mode: Mode::Delta,
+            acked,
+            in_sync: missing.is_none(),
+        }
+    }
+
+    fn by_name(statuses: &[ObjectStatus]) -> BTreeMap<String, &ObjectStatus> {
+        statuses
+            .iter()
+            .map(|s| (format!("{}/{}", s.kind, s.name), s))
+            .collect()
+    }
+
+    #[test]
+    fn objects_count_the_proxies_they_affect_and_those_that_hold_them() {
+        let p = published(CONFIG);
+        let nacks = NackLog::default();
+        let none = object_statuses(&p, &local_acks(&p, &[]), &nacks);
+        assert_eq!(none.len(), 3);
+        for s in &none {
+            assert_eq!(s.proxies, ProxyCount { total: 1, acked: 0 }, "{}", s.name);
+            assert_eq!(s.state, State::Accepted);
+            assert_eq!(s.config_modify_index, Some(7));
+        }
+
+        let all = object_statuses(&p, &local_acks(&p, &[connection(&p, None)]), &nacks);
+        assert!(all.iter().all(|s| s.proxies.acked == 1), "{all:?}");
+
+        // The proxy holds the new clusters but not the new routes yet: the upstream counts as
+        // held, the virtual service (which produced the route) does not.
+        let partial = object_statuses(
+            &p,
+            &local_acks(&p, &[connection(&p, Some("route"))]),
+            &nacks,
+        );
+        let s = by_name(&partial);
+        assert_eq!(s["Upstream/a"].proxies.acked, 1);
+        assert_eq!(s["VirtualService/web"].proxies.acked, 0);
+    }
+
+    #[test]
+    fn another_replicas_report_counts_for_its_proxies() {
+        let p = published(CONFIG);
+        let mut acks = local_acks(&p, &[]);
+        let theirs = local_acks(&p, &[connection(&p, None)]);
+        // What the other replica wrote to KV, read back.
+        let theirs = ReplicaReport::from_json(&theirs.to_json()).unwrap();
+        acks.merge(theirs);
+        let statuses = object_statuses(&p, &acks, &NackLog::default());
+        assert!(
+            statuses.iter().all(|s| s.proxies.acked == 1),
+            "{statuses:?}"
+        );
+    }
+
+    #[test]
+    fn a_nack_of_the_current_version_rejects_the_object_that_produced_it() {
+        let p = published(CONFIG);
+        let nacks = NackLog::default();
+        let web = ObjectKey::virtual_service("web");
+        let current = p.translation.reports[&web].version.clone();
+        nacks.record(
+            web.clone(),
+            NackRecord {
+                proxy: "gw".into(),
+                resource: "RouteConfiguration edge-10000".into(),
+                message: "domains: value must contain at least 1 item(s)".into(),
+                object_version: current,
+            },
+        );
+        let statuses = object_statuses(&p, &ReplicaReport::default(), &nacks);
+        let s = by_name(&statuses);
+        let vs = s["VirtualService/web"];
+        assert_eq!(vs.state, State::Rejected);
+        assert_eq!(
+            vs.errors[0].message,
+            "proxy gw rejected RouteConfiguration edge-10000: domains: value must contain at least 1 item(s)"
+        );
+        assert_eq!(s["Upstream/a"].state, State::Accepted);
+
+        // A NACK of an older version of the object no longer counts.
+        nacks.record(
+            web.clone(),
+            NackRecord {
+                proxy: "gw".into(),
+                resource: "RouteConfiguration edge-10000".into(),
+                message: "old".into(),
+                object_version: "an-older-version".into(),
+            },
+        );
+        let statuses = object_statuses(&p, &ReplicaReport::default(), &nacks);
+        assert_eq!(
+            by_name(&statuses)["VirtualService/web"].state,
+            State::Accepted
+        );
+    }
+
+    #[test]
+    fn a_rejected_object_counts_proxies_holding_its_last_good_version() {
+        let p1 = published(CONFIG);
+        let held = local_acks(&p1, &[connection(&p1, None)]);
+        // The virtual service is broken now: the last good version is served.
+        let mut set = ConfigSet::new();
+        set.upsert_source("all.yaml", CONFIG, SourceMode::MultiDoc);
+        set.upsert_source(
+            "all.yaml",
+            &CONFIG.replace("upstream: a", "upstream: a\n      nope: 1"),
+            SourceMode::MultiDoc,
+        );
+        let config = set.snapshot();
+        let p2 = Published {
+            generation: 2,
+            source_errors: BTreeMap::new(),
+            translation: vmesh_translate::translate(&config),
+            revisions: BTreeMap::new(),
+            took: Duration::ZERO,
+        };
+        let statuses = object_statuses(&p2, &held, &NackLog::default());
+        let vs = by_name(&statuses)["VirtualService/web"].clone();
+        assert_eq!(vs.state, State::Rejected);
+        assert!(vs.serving_last_good);
+        assert_eq!(
+            vs.proxies.acked, 1,
+            "the proxy holds the version being served"
+        );
+    }
 }

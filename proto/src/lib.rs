@@ -1,13 +1,10 @@
-//! The vmesh relay API: the messages and gRPC services between `vmesh-agent` and the controller,
-//! generated from `vmesh/relay/v1/relay.proto` by `build.rs`, and the discovery stream state
-//! machines of both ends ([`relay`]), which do no IO.
+//! The vmesh relay API: the messages and (with the `grpc` feature) the gRPC services between
+//! `vmesh-agent` and the controller, generated from `vmesh/relay/v1/relay.proto` by `build.rs`.
+//! Generated code only: the protocol's state machines are in `vmesh-relay`.
 #![forbid(unsafe_code)]
-#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 /// Generated from `vmesh/relay/v1/relay.proto` (package `vmesh.relay.v1`).
 pub mod v1 {
     #![allow(missing_docs)]
-    tonic::include_proto!("vmesh.relay.v1");
+    include!(concat!(env!("OUT_DIR"), "/vmesh.relay.v1.rs"));
 }
-
-pub mod relay;

@@ -130,32 +130,3 @@ pub fn env_count(name: &str, default: usize) -> usize {
         Err(_) => default,
     }
 }
-
-/// Clock ticks (utime + stime, `/proc/<pid>/stat`) a process has used so far. Linux counts them
-/// in `CLK_TCK` units, 100 per second.
-pub fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| fail(&format!("/proc/{pid}/stat: {e}")));
-    // After the command name (in parentheses): utime is the 12th field, stime the 13th.
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in KiB.
-pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| fail(&format!("/proc/{pid}/status: {e}")));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kb| kb.parse().ok())
-        .unwrap_or_else(|| fail(&format!("/proc/{pid}/status has no {field}")))
-}

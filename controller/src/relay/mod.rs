@@ -1,38 +1,54 @@
 //! The relay: where `vmesh-agent`s register (a bootstrap token and a CSR for a short-lived
-//! client certificate), renew, and stream the services of their VM.
+//! client certificate), renew, and stream the services of their VM. The rules are in
+//! `vmesh-relay` (no IO); these modules move bytes:
 //!
 //! - `tls`: the listener's certificate (from the mesh CA, renewed at half-life) and handshakes.
-//! - `service`: the `Registration` and `Relay` gRPC services.
-//! - `hub`: every agent's discovery, the deny list, and the catalog published to the index.
-//! - `shared`: discovery shared with the other replicas through Consul KV.
+//! - `registration`: who may call, registration and renewal, on the registry and the CA.
+//! - `service`: the `Registration` and `Relay` gRPC services (the only place that knows tonic).
+//! - `hub`: the shell around `HubState`: streams, the deny list, the catalog published to the
+//!   index.
+//! - `revocations`: the deny list, watched in Consul KV.
+//! - `replicas`: discovery shared with the other replicas through Consul KV.
 //!
-//! Bootstrap tokens, registered agents and revocations live in Consul KV (`vmesh-registry`), so
-//! `vmeshctl token` and `vmeshctl agent` work against any replica.
+//! [`Relay::start`] loads the CA, binds the listener and reads what must be known before the
+//! first agent is served; [`RelayTasks`] are its long-running parts, which the controller's
+//! `run()` spawns into its supervisor. Bootstrap tokens, registered agents and revocations live
+//! in Consul KV (`vmesh-registry`), so `vmeshctl token` and `vmeshctl agent` work against any
+//! replica.
 
 mod hub;
+mod registration;
+mod replicas;
+mod revocations;
 mod service;
-mod shared;
 mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn, Instrument as _};
+use tracing::{info, warn};
+use vmesh_layout::{unix_secs, Layout};
 use vmesh_proto::v1::registration_server::RegistrationServer;
 use vmesh_proto::v1::relay_server::RelayServer;
 use vmesh_registry::Registry;
+use vmesh_relay::HubState;
+use vmesh_runtime::{Readiness, Shutdown};
 use vmesh_tls::{BuiltinCa, CertificateAuthority, SpiffeId};
-
-use vmesh_registry::unix_secs;
 
 use crate::metrics::Metrics;
 use crate::source::SourceEvent;
 
 pub use hub::Hub;
+
+/// How long start-up reads (revocations, registered agents) may take before the relay starts
+/// without them: it goes on watching revocations, and the warm-up then runs its whole length.
+const STARTUP_READ: Duration = Duration::from_secs(5);
 
 /// How the relay is set up (from the command line).
 #[derive(Clone, Debug)]
@@ -72,161 +88,144 @@ impl RelaySettings {
     }
 }
 
-/// This replica, for sharing discovery: its `--id`, its Consul KV prefix and its session.
+/// This replica, for sharing discovery: its `--id`, its KV layout and its session.
 pub struct Replica {
     pub id: String,
-    pub prefix: String,
+    pub layout: Layout,
     pub session: watch::Receiver<Option<String>>,
 }
 
-/// Starts the relay listener and its background tasks. Returns once the listener is bound; the
-/// server runs until `shutdown`.
-pub async fn start(
-    settings: RelaySettings,
-    registry: Registry,
-    replica: Replica,
-    metrics: Arc<Metrics>,
-    events: mpsc::Sender<SourceEvent>,
-    shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<(Arc<Hub>, tokio::task::JoinHandle<()>)> {
-    let ca: Arc<dyn CertificateAuthority> = Arc::new(settings.load_ca()?);
-    let server_cert = Arc::new(
-        tls::ServerCert::issue(ca.as_ref(), &[], settings.agent_cert_ttl)
-            .context("cannot issue the relay's server certificate")?,
-    );
-    let config = tls::server_config(server_cert.clone(), &ca.trust_bundle_pem())?;
-    tokio::spawn(
-        server_cert
-            .keep_renewed(ca.clone())
-            .instrument(tracing::info_span!("relay_cert")),
-    );
+/// A long-running part of the relay.
+pub type Task = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
-    let hub = Arc::new(Hub::new(settings.grace, &replica.id, metrics.clone()));
-    // Revocations first, so a revoked agent is never served even right after a start.
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        registry.watch_revoked(None, Duration::ZERO),
-    )
-    .await
-    {
-        Ok(Ok(deny)) => hub.set_deny(deny.value),
-        Ok(Err(e)) => warn!(error = %e, "cannot read revoked agents yet; will keep trying"),
-        Err(_) => warn!("cannot read revoked agents yet (Consul is slow); will keep trying"),
-    }
-    tokio::spawn(
-        watch_revocations(registry.clone(), hub.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("revocations")),
-    );
-    // The first catalog waits for the agents registered before this start.
-    match tokio::time::timeout(Duration::from_secs(5), registry.list_agents()).await {
-        Ok(Ok(records)) => {
-            let now = unix_secs(SystemTime::now());
-            let expected: Vec<SpiffeId> = records
-                .into_iter()
-                .filter(|r| r.not_after_unix > now)
-                .map(|r| r.spiffe_id)
-                .collect();
-            info!(
-                agents = expected.len(),
-                warmup = ?settings.warmup,
-                "waiting for registered agents to report before serving discovered endpoints"
-            );
-            hub.await_agents(expected);
-        }
-        Ok(Err(e)) => warn!(error = %e, "cannot list registered agents; waiting the whole warm-up"),
-        Err(_) => warn!("cannot list registered agents in time; waiting the whole warm-up"),
-    }
-    tokio::spawn(
-        hub::publish(hub.clone(), events, settings.warmup, shutdown.clone())
-            .instrument(tracing::info_span!("discovery")),
-    );
-    tokio::spawn(
-        shared::write_records(
-            hub.clone(),
-            registry.client().clone(),
-            replica.prefix.clone(),
-            replica.id.clone(),
-            replica.session,
-            shutdown.clone(),
-        )
-        .instrument(tracing::info_span!("discovery_share")),
-    );
-    tokio::spawn(
-        shared::read_records(
-            hub.clone(),
-            registry.client().clone(),
-            replica.prefix,
-            shutdown.clone(),
-        )
-        .instrument(tracing::info_span!("discovery_read")),
-    );
-
-    let state = Arc::new(service::RelayState {
-        hub: hub.clone(),
-        registry,
-        ca,
-        trust_domain: settings.trust_domain.clone(),
-        cert_ttl: settings.agent_cert_ttl,
-        metrics: metrics.clone(),
-    });
-    let listener = tokio::net::TcpListener::bind(settings.addr)
-        .await
-        .with_context(|| format!("cannot listen for the relay on {}", settings.addr))?;
-    info!(addr = %listener.local_addr()?, trust_domain = %settings.trust_domain, "relay listening");
-    let incoming = tls::incoming(listener, config, metrics);
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(15)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(RegistrationServer::new(service::RegistrationService(
-            state.clone(),
-        )))
-        .add_service(RelayServer::new(service::RelayService(state)))
-        .serve_with_incoming_shutdown(incoming, crate::stopped(shutdown));
-    let task = tokio::spawn(
-        async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "relay server failed");
-            }
-        }
-        .instrument(tracing::info_span!("relay")),
-    );
-    Ok((hub, task))
+/// The relay's long-running parts, each to be spawned as a critical task under its name.
+pub struct RelayTasks {
+    /// `relay`: the gRPC server on the listener.
+    pub server: Task,
+    /// `relay-certificate`: the listener's certificate, renewed at half-life.
+    pub certificate: Task,
+    /// `revocations`: the deny list, watched.
+    pub revocations: Task,
+    /// `discovery`: the catalog, published to the index.
+    pub catalog: Task,
+    /// `discovery-share`: this replica's records, written to Consul KV.
+    pub share: Task,
+    /// `discovery-read`: the other replicas' records, read from Consul KV.
+    pub read: Task,
 }
 
-async fn watch_revocations(registry: Registry, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    let mut index = None;
-    let mut failures = 0u32;
-    loop {
-        let read = tokio::select! {
-            read = registry.watch_revoked(index, Duration::from_secs(300)) => read,
-            _ = shutdown.changed() => return,
-        };
-        match read {
-            Ok(deny) => {
-                if failures > 0 {
-                    info!("reading revoked agents again");
-                }
-                failures = 0;
-                if index != Some(deny.index) {
-                    hub.set_deny(deny.value);
-                }
-                // An index that goes backwards means Consul's state was reset: read afresh.
-                index = match index {
-                    Some(i) if deny.index < i => None,
-                    _ => Some(deny.index),
-                };
-            }
-            Err(e) => {
-                failures += 1;
-                if failures == 1 {
-                    warn!(error = %e, "cannot read revoked agents; the last list stays in force");
-                }
-                let wait = Duration::from_millis(250 * 2u64.pow(failures.min(7)));
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
+/// The relay, started: the hub (for `/agents`) and the tasks to spawn.
+pub struct Relay {
+    pub hub: Arc<Hub>,
+    pub tasks: RelayTasks,
+}
+
+impl Relay {
+    /// Loads the CA, binds the listener, and reads the revocations (so a revoked agent is never
+    /// served, even right after a start) and the registered agents (whom the first catalog
+    /// waits for).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        settings: RelaySettings,
+        registry: Registry,
+        replica: Replica,
+        metrics: Arc<Metrics>,
+        events: mpsc::Sender<SourceEvent>,
+        readiness: &Readiness,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Relay> {
+        let ca: Arc<dyn CertificateAuthority> = Arc::new(settings.load_ca()?);
+        let server_cert = Arc::new(
+            tls::ServerCert::issue(ca.as_ref(), &[], settings.agent_cert_ttl)
+                .context("cannot issue the relay's server certificate")?,
+        );
+        let config = tls::server_config(server_cert.clone(), &ca.trust_bundle_pem())?;
+
+        let state = HubState::new(&replica.id, settings.grace, settings.warmup, Instant::now());
+        let hub = Arc::new(Hub::new(state, metrics.clone()));
+        match tokio::time::timeout(STARTUP_READ, registry.deny()).await {
+            Ok(Ok(deny)) => hub.set_deny(deny),
+            Ok(Err(e)) => warn!(error = %e, "cannot read revoked agents yet; will keep trying"),
+            Err(_) => warn!("cannot read revoked agents yet (Consul is slow); will keep trying"),
         }
+        match tokio::time::timeout(STARTUP_READ, registry.list_agents()).await {
+            Ok(Ok(records)) => {
+                let now = unix_secs(SystemTime::now());
+                let expected: Vec<SpiffeId> = records
+                    .into_iter()
+                    .filter(|r| r.not_after_unix > now)
+                    .map(|r| r.spiffe_id)
+                    .collect();
+                info!(
+                    agents = expected.len(),
+                    warmup = ?settings.warmup,
+                    "waiting for registered agents to report before serving discovered endpoints"
+                );
+                hub.await_agents(expected);
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot list registered agents; waiting the whole warm-up")
+            }
+            Err(_) => warn!("cannot list registered agents in time; waiting the whole warm-up"),
+        }
+
+        let listener = tokio::net::TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("cannot listen for the relay on {}", settings.addr))?;
+        info!(addr = %listener.local_addr()?, trust_domain = %settings.trust_domain, "relay listening");
+        let incoming = tls::incoming(listener, config, metrics.clone());
+        let state = Arc::new(service::RelayState {
+            hub: hub.clone(),
+            registrar: registration::Registrar {
+                hub: hub.clone(),
+                registry: registry.clone(),
+                ca: ca.clone(),
+                trust_domain: settings.trust_domain.clone(),
+                cert_ttl: settings.agent_cert_ttl,
+            },
+            metrics,
+        });
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(15)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(RegistrationServer::new(service::RegistrationService(
+                state.clone(),
+            )))
+            .add_service(RelayServer::new(service::RelayService(state)))
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());
+
+        let client = registry.client().clone();
+        let tasks = RelayTasks {
+            server: Box::pin(async move { Ok(server.await?) }),
+            certificate: Box::pin(server_cert.keep_renewed(ca, shutdown.clone())),
+            revocations: Box::pin(revocations::watch(
+                registry,
+                hub.clone(),
+                readiness.component("revocations"),
+                shutdown.clone(),
+            )),
+            catalog: Box::pin(hub.clone().publish(
+                events,
+                readiness.component("discovery"),
+                shutdown.clone(),
+            )),
+            share: Box::pin(replicas::write_records(
+                hub.clone(),
+                client.clone(),
+                replica.layout.clone(),
+                replica.id,
+                replica.session,
+                readiness.component("discovery-share"),
+                shutdown.clone(),
+            )),
+            read: Box::pin(replicas::read_records(
+                hub.clone(),
+                client,
+                replica.layout,
+                readiness.component("discovery-read"),
+                shutdown.clone(),
+            )),
+        };
+        Ok(Relay { hub, tasks })
     }
 }

@@ -25,9 +25,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
+use vmesh_layout::unix_secs;
+use vmesh_retry::Backoff;
+use vmesh_runtime::Shutdown;
 use vmesh_tls::{new_key_and_csr, CertificateAuthority, CONTROLLER_SERVER_NAME};
-
-use vmesh_registry::unix_secs;
 
 use crate::metrics::Metrics;
 
@@ -81,26 +82,40 @@ impl ServerCert {
         Ok(not_after)
     }
 
-    /// Renews the certificate at every half-life, for as long as the process runs.
-    pub async fn keep_renewed(self: Arc<Self>, ca: Arc<dyn CertificateAuthority>) {
+    /// Renews the certificate at every half-life, until a shutdown is asked for.
+    pub async fn keep_renewed(
+        self: Arc<Self>,
+        ca: Arc<dyn CertificateAuthority>,
+        mut shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
         let mut issued = SystemTime::now();
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut wait = Duration::ZERO;
         loop {
-            let wait = self
-                .renew_at(issued)
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+            if wait.is_zero() {
+                wait = self
+                    .renew_at(issued)
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(1));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.requested() => return Ok(()),
+            }
             match self.renew(ca.as_ref()) {
                 Ok(not_after) => {
                     issued = SystemTime::now();
+                    backoff.reset();
+                    wait = Duration::ZERO;
                     info!(
                         not_after_unix = unix_secs(not_after),
                         "relay server certificate renewed"
                     );
                 }
                 Err(e) => {
-                    warn!(error = %e, "cannot renew the relay server certificate; retrying in 30 s");
-                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    wait = backoff.next_delay().max(Duration::from_secs(1));
+                    warn!(error = %e, retry_in_s = wait.as_secs(), "cannot renew the relay server certificate");
                 }
             }
         }

@@ -199,7 +199,7 @@ fn diff(known: &mut BTreeMap<String, String>, now: BTreeMap<String, String>) -> 
     let mut changes = Vec::new();
     for (path, text) in &now {
         if known.get(path) != Some(text) {
-            changes.push(Change::Upsert {
+            changes.push(Change::File {
                 source: path.clone(),
                 text: text.clone(),
             });
@@ -235,7 +235,7 @@ mod tests {
         let c = diff(&mut known, files(&[("a.yaml", "1"), ("b.yaml", "3")]));
         assert_eq!(
             c,
-            vec![Change::Upsert {
+            vec![Change::File {
                 source: "b.yaml".into(),
                 text: "3".into()
             }]

@@ -15,13 +15,13 @@ use vmesh_model::{ObjectKey, Problem};
 /// One change to one source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// A file: any number of documents.
-    Upsert {
+    /// A file was written: any number of documents.
+    File {
         source: String,
         text: String,
     },
-    /// A value that is exactly the object its key names (a Consul KV key).
-    Object {
+    /// A Consul KV value was written: exactly the object its key names.
+    KvValue {
         source: String,
         key: ObjectKey,
         text: String,

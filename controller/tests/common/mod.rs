@@ -2,32 +2,44 @@
 //! pieces every end-to-end scenario starts from.
 #![allow(dead_code)]
 
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use vmesh_testkit::{eventually, free_port, http_get, Envoy, Response};
+use vmesh_testkit::process::{ControllerOptions, ControllerProcess};
+use vmesh_testkit::{eventually, http_get, Envoy, Response};
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
 pub mod vm;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A `vmesh-controller` process reading a temporary config directory.
-pub struct Controller {
-    child: Child,
-    extra: Vec<String>,
-    /// The temporary directory this controller owns (its log, its config directory).
-    base: PathBuf,
-    pub dir: PathBuf,
-    pub xds_port: u16,
-    pub admin_port: u16,
-    log: PathBuf,
+/// The controller of this package, as built for this test run.
+pub fn options() -> ControllerOptions {
+    ControllerOptions::new(env!("CARGO_BIN_EXE_vmesh-controller")).log("info,vmesh_xds=debug")
 }
 
-static N: AtomicU32 = AtomicU32::new(0);
+/// A `vmesh-controller` process (the test kit's launcher) and, in directory mode, its config
+/// directory.
+pub struct Controller {
+    pub process: ControllerProcess,
+    /// The config directory (directory mode).
+    pub dir: PathBuf,
+}
+
+impl Deref for Controller {
+    type Target = ControllerProcess;
+    fn deref(&self) -> &ControllerProcess {
+        &self.process
+    }
+}
+
+impl DerefMut for Controller {
+    fn deref_mut(&mut self) -> &mut ControllerProcess {
+        &mut self.process
+    }
+}
 
 impl Controller {
     /// Starts a controller on a fresh config directory holding `files` and waits until it is ready.
@@ -37,99 +49,49 @@ impl Controller {
 
     /// [`Controller::start`] with extra command-line arguments.
     pub fn start_with(files: &[(&str, &str)], extra: &[&str]) -> Controller {
-        let base = std::env::temp_dir().join(format!(
-            "vmesh-e2e-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&base);
-        let dir = base.join("config");
-        std::fs::create_dir_all(&dir).expect("create config dir");
+        let dir = vmesh_testkit::process::scratch_dir("e2e-config");
         for (name, text) in files {
             std::fs::write(dir.join(name), text).expect("write config");
         }
-        let mut args = vec!["--config-dir".to_string(), dir.display().to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::launch(base, dir, args, true)
+        let opts = options()
+            .args(["--config-dir", &dir.display().to_string()])
+            .args(extra);
+        let mut c = Controller {
+            process: ControllerProcess::start(opts),
+            dir,
+        };
+        c.process.wait_ready(DEADLINE);
+        c
     }
 
     /// Starts a controller that reads its config from Consul KV at `consul_url`.
     pub fn consul(consul_url: &str, extra: &[&str]) -> Controller {
-        let c = Self::consul_unready(consul_url, extra);
-        c.wait_ready();
+        let mut c = Self::consul_unready(consul_url, extra);
+        c.process.wait_ready(DEADLINE);
         c
     }
 
     /// [`Controller::consul`] without waiting for it to be ready.
     pub fn consul_unready(consul_url: &str, extra: &[&str]) -> Controller {
-        let base = std::env::temp_dir().join(format!(
-            "vmesh-e2e-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base).expect("create temp dir");
-        let mut args = vec!["--consul-addr".to_string(), consul_url.to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let dir = base.join("unused");
-        Self::launch(base, dir, args, false)
+        Self::launch(options().args(["--consul-addr", consul_url]).args(extra))
     }
 
-    fn launch(base: PathBuf, dir: PathBuf, args: Vec<String>, wait: bool) -> Controller {
-        let xds_port = free_port();
-        let admin_port = free_port();
-        let log = base.join("controller.log");
-        let child = spawn(xds_port, admin_port, &log, &args);
-        let c = Controller {
-            child,
-            extra: args,
-            base,
-            dir,
-            xds_port,
-            admin_port,
-            log,
-        };
-        if wait {
-            c.wait_ready();
-        }
-        c
+    /// A controller started with `opts`, not waited for.
+    pub fn launch(opts: ControllerOptions) -> Controller {
+        let process = ControllerProcess::start(opts);
+        let dir = process.dir().join("unused");
+        Controller { process, dir }
     }
 
     /// The temporary directory this controller owns.
     pub fn base(&self) -> &Path {
-        &self.base
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Asks the controller to stop (SIGTERM) and waits for it to exit.
-    pub fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-
-    fn wait_ready(&self) {
-        eventually(DEADLINE, "the controller to be ready", || {
-            let r = http_get(&self.admin("/readyz"), &[])?;
-            (r.status == 200)
-                .then_some(())
-                .ok_or(format!("readyz {}", r.status))
-        });
+        self.process.dir()
     }
 
     /// Stops the controller and starts a new process on the same ports and directory.
     pub fn restart(&mut self) {
-        self.kill();
-        self.child = spawn(self.xds_port, self.admin_port, &self.log, &self.extra);
-        self.wait_ready();
-    }
-
-    pub fn admin(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_port)
+        self.process.restart();
+        self.process.wait_ready(DEADLINE);
     }
 
     /// Writes a config file the way editors do: a temporary file, then a rename.
@@ -144,9 +106,7 @@ impl Controller {
     }
 
     pub fn status(&self) -> Value {
-        http_get(&self.admin("/status"), &[])
-            .and_then(|r| r.json())
-            .expect("controller status")
+        self.process.json("/status").expect("controller status")
     }
 
     /// The status of one object, e.g. `("VirtualService", "web")`.
@@ -158,16 +118,12 @@ impl Controller {
             .cloned()
     }
 
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
     /// A real Envoy that takes its config from this controller.
     pub fn envoy(&self, proxy: &str, protocol: Protocol) -> Envoy {
         let bootstrap = render(&BootstrapArgs {
             proxy: proxy.to_string(),
             cluster: None,
-            xds_addr: format!("127.0.0.1:{}", self.xds_port),
+            xds_addr: self.process.xds_addr(),
             protocol,
             admin_port: 0,
         })
@@ -179,49 +135,14 @@ impl Controller {
 
     /// CPU time (user + system) the controller process has used, in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("controller /proc stat");
-        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+        vmesh_testkit::process::cpu_ticks(self.process.pid())
     }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(xds_port: u16, admin_port: u16, log: &Path, args: &[String]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_vmesh-controller"))
-        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-        .args(["--log", "info,vmesh_xds=debug"])
-        .args(args)
-        .stdout(log)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start vmesh-controller")
 }
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "--- controller log (last lines) ---\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.base);
+        if !std::thread::panicking() && self.dir.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

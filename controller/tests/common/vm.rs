@@ -4,10 +4,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, SystemTime};
 
 use vmesh_testkit::consul::{ConsulEmulator, ConsulOptions, ServiceRegistration};
+use vmesh_testkit::process::AgentProcess;
 use vmesh_testkit::{eventually, free_port, EchoServer};
 
 use super::{Controller, DEADLINE};
@@ -81,17 +81,7 @@ impl RelayController {
 
     /// The value of one metric line (summed over label sets matching `labels`).
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let text = vmesh_testkit::http_get(&self.controller.admin("/metrics"), &[])
-            .map(|r| r.body)
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter(|l| {
-                let rest = &l[name.len()..];
-                (rest.starts_with(' ') || rest.starts_with('{')) && l.contains(labels)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.controller.metric(name, labels).unwrap_or_default()
     }
 }
 
@@ -150,7 +140,7 @@ pub struct Vm {
     pub name: String,
     pub ip: IpAddr,
     pub consul: ConsulEmulator,
-    agent: Option<Child>,
+    agent: Option<AgentProcess>,
     data_dir: PathBuf,
     log: PathBuf,
 }
@@ -211,44 +201,60 @@ impl Vm {
             "the agent of {} already runs",
             self.name
         );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("agent log");
-        let mut cmd = Command::new(agent_binary());
-        cmd.args(["--relay-addr", relay_addr])
-            .args(["--ca-file", &ca_file.display().to_string()])
-            .args(["--data-dir", &self.data_dir.display().to_string()])
-            .args(["--consul-addr", &self.consul.url()])
-            .args(["--poll-interval", "100ms"])
-            .args(["--log", "info"])
-            .args(extra)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env_remove("VMESH_AGENT_TOKEN")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        if !token.is_empty() {
-            cmd.env("VMESH_AGENT_TOKEN", token);
-        }
-        self.agent = Some(cmd.spawn().expect("start vmesh-agent"));
+        let mut args: Vec<String> = [
+            "--relay-addr",
+            relay_addr,
+            "--ca-file",
+            &ca_file.display().to_string(),
+            "--data-dir",
+            &self.data_dir.display().to_string(),
+            "--consul-addr",
+            &self.consul.url(),
+            "--poll-interval",
+            "100ms",
+            "--log",
+            "info",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env: Vec<(String, String)> = if token.is_empty() {
+            Vec::new()
+        } else {
+            vec![("VMESH_AGENT_TOKEN".into(), token.into())]
+        };
+        self.agent = Some(AgentProcess::start(
+            &agent_binary(),
+            &self.name,
+            &args,
+            &env,
+            &self.log,
+        ));
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(Child::id)
+        self.agent.as_ref().and_then(AgentProcess::pid)
     }
 
     /// Whether the agent process has exited, and with which code.
     pub fn agent_exit(&mut self) -> Option<Option<i32>> {
-        let child = self.agent.as_mut()?;
-        child.try_wait().ok().flatten().map(|s| s.code())
+        self.agent.as_mut()?.try_exit().map(|s| s.code())
+    }
+
+    /// Waits until the agent exits on its own; its exit code.
+    pub fn wait_agent_exit(&mut self) -> Option<i32> {
+        self.agent
+            .as_mut()
+            .expect("the agent runs")
+            .wait_exit(DEADLINE)
+            .code()
     }
 
     /// Kills the agent (SIGKILL), as a crash or a VM power-off would.
     pub fn kill_agent(&mut self) {
-        if let Some(mut child) = self.agent.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
         }
     }
 
@@ -263,29 +269,21 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // The agent process prints its log's tail if a test panics.
         self.kill_agent();
-        if std::thread::panicking() {
-            let log = self.agent_log();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!(
-                "--- vmesh-agent log of {} (last lines) ---\n{}",
-                self.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        } else if let Some(parent) = self.data_dir.parent() {
-            let _ = std::fs::remove_dir_all(parent);
+        if !std::thread::panicking() {
+            if let Some(parent) = self.data_dir.parent() {
+                let _ = std::fs::remove_dir_all(parent);
+            }
         }
     }
 }
 
-/// The `vmesh-agent` binary built next to `vmesh-controller` (`cargo test --workspace` builds
-/// both).
+/// The `vmesh-agent` binary, built from the current sources (never a stale one).
 pub fn agent_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_vmesh-controller")).with_file_name("vmesh-agent");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p vmesh-agent` (scripts/test does)",
-        path.display()
-    );
-    path
+    vmesh_testkit::workspace_binary(
+        "vmesh-agent",
+        "vmesh-agent",
+        vmesh_testkit::current_profile(),
+    )
 }

@@ -12,7 +12,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use serde::Deserialize;
 use serde_json::Value;
 use vmesh_model::{parse_single, parse_value, ObjectKey, Parsed, Problem};
 
@@ -166,32 +165,14 @@ fn at(origin: &str, p: &Problem) -> String {
 /// controller reads it) and, when it could be read so, as YAML in its written key order
 /// (what is stored, so that the stored value reads like the input).
 fn read_documents(text: &str) -> Result<Vec<(Value, Option<serde_yaml_ng::Value>)>, Problem> {
-    let trimmed = text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n']);
-    if trimmed.starts_with('{') {
-        let value: Value = serde_json::from_str(trimmed)
-            .map_err(|e| Problem::new("", format!("invalid JSON: {e}")))?;
-        let ordered = serde_yaml_ng::from_str(trimmed).ok();
-        return Ok(vec![(value, ordered)]);
-    }
-    let mut values = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
-        let value = Value::deserialize(document)
-            .map_err(|e| Problem::new("", format!("invalid YAML: {e}")))?;
-        if !value.is_null() {
-            values.push(value);
-        }
-    }
-    let mut ordered = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
-        match serde_yaml_ng::Value::deserialize(document) {
-            Ok(serde_yaml_ng::Value::Null) => {}
-            Ok(v) => ordered.push(Some(v)),
-            Err(_) => ordered.clear(),
-        }
-    }
-    if ordered.len() != values.len() {
-        ordered = vec![None; values.len()];
-    }
+    let values: Vec<Value> = vmesh_model::read_documents(text)?;
+    let ordered = vmesh_model::read_documents::<serde_yaml_ng::Value>(text)
+        .ok()
+        .filter(|o| o.len() == values.len())
+        .map_or_else(
+            || vec![None; values.len()],
+            |o| o.into_iter().map(Some).collect(),
+        );
     Ok(values.into_iter().zip(ordered).collect())
 }
 

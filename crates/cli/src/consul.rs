@@ -1,11 +1,13 @@
-//! What the Consul commands share: the connection flags, the key layout, kind names, and
-//! a small synchronous view of Consul KV ([`Kv`]) that the commands are written against,
-//! so that their logic is tested with the real client and with injected outcomes alike.
+//! What the Consul commands share: the connection flags, kind names, and a small synchronous
+//! view of Consul KV ([`Kv`]) that the commands are written against, so that their logic is
+//! tested with the real client and with injected outcomes alike. The keys are
+//! [`vmesh_layout::Layout`]'s, the controller's own.
 
 use anyhow::Context;
 use clap::Args;
 use vmesh_consul::{Client, ConsulConfig, ConsulFlags, WriteOptions};
-use vmesh_model::{is_valid_name, Kind, ObjectKey};
+pub use vmesh_layout::Layout;
+use vmesh_model::Kind;
 
 /// How to reach Consul; the same flags and variables as `vmesh-controller` and Consul's CLI.
 #[derive(Args, Clone, Debug, Default)]
@@ -35,48 +37,6 @@ impl ConsulArgs {
     pub fn layout(&self) -> Layout {
         Layout::new(&self.prefix)
     }
-}
-
-/// Where vmesh keeps things in Consul KV under a prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Layout {
-    prefix: String,
-}
-
-impl Layout {
-    pub fn new(prefix: &str) -> Self {
-        Layout {
-            prefix: prefix.trim_end_matches('/').to_string(),
-        }
-    }
-
-    /// `<prefix>/config/`
-    pub fn config_prefix(&self) -> String {
-        format!("{}/config/", self.prefix)
-    }
-
-    /// `<prefix>/status/`
-    pub fn status_prefix(&self) -> String {
-        format!("{}/status/", self.prefix)
-    }
-
-    /// `<prefix>/config/<Kind>/<name>`
-    pub fn config_key(&self, key: &ObjectKey) -> String {
-        format!("{}{}/{}", self.config_prefix(), key.kind, key.name)
-    }
-
-    /// `<prefix>/status/<Kind>/<name>`
-    pub fn status_key(&self, key: &ObjectKey) -> String {
-        format!("{}{}/{}", self.status_prefix(), key.kind, key.name)
-    }
-}
-
-/// The object a key `<folder><Kind>/<name>` names, as the controller reads it.
-pub fn object_key(folder: &str, key: &str) -> Option<ObjectKey> {
-    let rest = key.strip_prefix(folder)?;
-    let (kind, name) = rest.split_once('/')?;
-    let kind = Kind::parse(kind)?;
-    is_valid_name(name).then(|| ObjectKey::new(kind, name))
 }
 
 /// A kind as typed on the command line: any case, singular or plural, or a short form.
@@ -241,22 +201,5 @@ mod tests {
         assert_eq!(parse_kind("gw"), Ok(Kind::Gateway));
         let e = parse_kind("Route").unwrap_err();
         assert!(e.contains("unknown kind \"Route\""), "{e}");
-    }
-
-    #[test]
-    fn keys_follow_the_layout() {
-        let l = Layout::new("vmesh/");
-        let k = ObjectKey::virtual_service("shop");
-        assert_eq!(l.config_key(&k), "vmesh/config/VirtualService/shop");
-        assert_eq!(l.status_key(&k), "vmesh/status/VirtualService/shop");
-        assert_eq!(
-            object_key(&l.config_prefix(), "vmesh/config/VirtualService/shop"),
-            Some(k)
-        );
-        assert_eq!(object_key(&l.config_prefix(), "vmesh/config/Nope/x"), None);
-        assert_eq!(
-            object_key(&l.config_prefix(), "vmesh/config/Upstream/a/b"),
-            None
-        );
     }
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use vmesh_model::{Kind, ObjectKey};
 
-use crate::consul::{object_key, parse_kind, ConsulArgs, Failure, Kv, Layout};
+use crate::consul::{parse_kind, ConsulArgs, Failure, Kv, Layout};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -76,11 +76,11 @@ pub fn get(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let Some(name) = name else {
-        let folder = format!("{}{kind}/", layout.config_prefix());
+        let folder = layout.config_kind_prefix(kind);
         let names: Vec<String> = kv
             .list(&folder)?
             .into_iter()
-            .filter_map(|s| object_key(&layout.config_prefix(), &s.key))
+            .filter_map(|s| layout.parse_config_key(&s.key))
             .filter(|k| k.kind == kind)
             .map(|k| k.name)
             .collect();

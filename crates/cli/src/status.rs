@@ -1,16 +1,16 @@
 //! `vmeshctl status`: the controller's judgement of every config object, from its admin
 //! endpoint or from what the leader wrote to Consul KV.
 
-use std::process::ExitCode;
-
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use serde_json::{json, Map, Value};
-use vmesh_model::{Kind, ObjectKey};
+use serde_json::{json, Value};
+use vmesh_layout::{ControllerStatus, ObjectStatus, ProxyCount};
+use vmesh_model::{Kind, ObjectKey, Problem};
 
-use crate::consul::{exit, object_key, parse_kind, ConsulArgs, Kv, Layout};
+use crate::consul::{exit, parse_kind, ConsulArgs, Kv, Layout};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -45,17 +45,106 @@ impl StatusArgs {
     }
 }
 
+/// What `vmeshctl status` shows of one object: its status as the controller judged it, or, for a
+/// config key the controller has not judged yet, `Pending`; and a note when what it shows is
+/// behind.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub shown: Shown,
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Shown {
+    Judged(ObjectStatus),
+    /// A config key with no status yet.
+    Pending {
+        key: ObjectKey,
+        source: String,
+    },
+}
+
+impl Row {
+    fn judged(status: ObjectStatus) -> Row {
+        Row {
+            shown: Shown::Judged(status),
+            note: None,
+        }
+    }
+
+    pub fn kind(&self) -> &str {
+        match &self.shown {
+            Shown::Judged(s) => &s.kind,
+            Shown::Pending { key, .. } => key.kind.as_str(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match &self.shown {
+            Shown::Judged(s) => &s.name,
+            Shown::Pending { key, .. } => &key.name,
+        }
+    }
+
+    /// `Accepted`, `Warning`, `Rejected` or `Pending`.
+    pub fn state(&self) -> String {
+        match &self.shown {
+            Shown::Judged(s) => s.state.as_str().to_string(),
+            Shown::Pending { .. } => "Pending".to_string(),
+        }
+    }
+
+    fn source(&self) -> &str {
+        match &self.shown {
+            Shown::Judged(s) => &s.source,
+            Shown::Pending { source, .. } => source,
+        }
+    }
+
+    fn proxies(&self) -> ProxyCount {
+        match &self.shown {
+            Shown::Judged(s) => s.proxies,
+            Shown::Pending { .. } => ProxyCount::default(),
+        }
+    }
+
+    /// The JSON of `-o json`: the status as the controller wrote it (or a `Pending` one), with
+    /// `note` when there is one.
+    pub fn to_json(&self) -> Value {
+        let mut v = match &self.shown {
+            Shown::Judged(s) => serde_json::to_value(s).unwrap_or(Value::Null),
+            Shown::Pending { key, source } => json!({
+                "kind": key.kind.as_str(),
+                "name": key.name,
+                "state": "Pending",
+                "errors": [],
+                "warnings": [],
+                "source": source,
+                "servingLastGood": false,
+                "proxies": {"total": 0, "acked": 0},
+            }),
+        };
+        if let Some(note) = &self.note {
+            v["note"] = Value::String(note.clone());
+        }
+        v
+    }
+}
+
+/// Problems that belong to no object, by source.
+pub type SourceErrors = BTreeMap<String, Vec<Problem>>;
+
 pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let (objects, source_errors) = if args.uses_consul() {
+    let (rows, source_errors) = if args.uses_consul() {
         let kv = args.consul_args.connect()?;
         from_consul(&kv, &args.consul_args.layout())?
     } else {
         from_admin(&args.admin_addr)?
     };
-    let selected: Vec<&Value> = objects
+    let selected: Vec<&Row> = rows
         .iter()
-        .filter(|o| args.kind.is_none_or(|k| o["kind"] == k.as_str()))
-        .filter(|o| args.name.as_deref().is_none_or(|n| o["name"] == n))
+        .filter(|r| args.kind.is_none_or(|k| r.kind() == k.as_str()))
+        .filter(|r| args.name.as_deref().is_none_or(|n| r.name() == n))
         .collect();
     if args.name.is_some() && selected.is_empty() {
         eprintln!(
@@ -66,14 +155,17 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(exit::NOT_FOUND));
     }
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&selected)?),
+        Output::Json => {
+            let json: Vec<Value> = selected.iter().map(|r| r.to_json()).collect();
+            println!("{}", serde_json::to_string_pretty(&json)?)
+        }
         Output::Table => print!("{}", table(&selected, &source_errors)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The objects and the problems of no object, as the controller's admin endpoint has them.
-fn from_admin(admin_addr: &str) -> anyhow::Result<(Vec<Value>, Value)> {
+fn from_admin(admin_addr: &str) -> anyhow::Result<(Vec<Row>, SourceErrors)> {
     let url = format!("http://{admin_addr}/status");
     let body = ureq::get(&url)
         .call()
@@ -81,76 +173,69 @@ fn from_admin(admin_addr: &str) -> anyhow::Result<(Vec<Value>, Value)> {
         .body_mut()
         .read_to_string()
         .context("reading the controller's answer")?;
-    let mut status: Value =
-        serde_json::from_str(&body).context("the controller's answer is not JSON")?;
-    let objects = match status["objects"].take() {
-        Value::Array(a) => a,
-        _ => Vec::new(),
-    };
-    Ok((objects, status["sourceErrors"].take()))
+    let status: ControllerStatus = serde_json::from_str(&body)
+        .with_context(|| format!("the controller's answer at {url} is not its status"))?;
+    let rows = status.objects.into_iter().map(Row::judged).collect();
+    Ok((rows, status.source_errors))
 }
 
 /// The objects as the leader wrote them to `<prefix>/status/`, plus every object that has a
 /// config key but no status yet (`Pending`), in kind and name order. Config keys that name
 /// no object are problems of their key, as the controller reports them.
-pub fn from_consul(kv: &dyn Kv, layout: &Layout) -> anyhow::Result<(Vec<Value>, Value)> {
-    let config_prefix = layout.config_prefix();
-    let status_prefix = layout.status_prefix();
-    let mut problems: Map<String, Value> = Map::new();
+pub fn from_consul(kv: &dyn Kv, layout: &Layout) -> anyhow::Result<(Vec<Row>, SourceErrors)> {
+    let mut problems = SourceErrors::new();
     let mut problem = |key: &str, message: String| {
-        if let Value::Array(list) = problems
+        problems
             .entry(key.to_string())
-            .or_insert_with(|| Value::Array(vec![]))
-        {
-            list.push(json!({"path": "", "message": message}));
-        }
+            .or_default()
+            .push(Problem::new("", message));
     };
     let mut configs: BTreeMap<ObjectKey, u64> = BTreeMap::new();
-    for entry in kv.list(&config_prefix)? {
+    for entry in kv.list(&layout.config_prefix())? {
         if entry.key.ends_with('/') {
             continue;
         }
-        match object_key(&config_prefix, &entry.key) {
+        match layout.parse_config_key(&entry.key) {
             Some(key) => {
                 configs.insert(key, entry.modify_index);
             }
             None => problem(
                 &entry.key,
-                format!("config keys are {config_prefix}<Kind>/<name>, with Kind one of Upstream, VirtualService, Gateway; this key is ignored"),
+                format!(
+                    "config keys are {}<Kind>/<name>, with Kind one of Upstream, VirtualService, Gateway; this key is ignored",
+                    layout.config_prefix()
+                ),
             ),
         }
     }
-    let mut statuses: BTreeMap<ObjectKey, Value> = BTreeMap::new();
-    for entry in kv.list(&status_prefix)? {
-        let Some(key) = object_key(&status_prefix, &entry.key) else {
+    let mut statuses: BTreeMap<ObjectKey, ObjectStatus> = BTreeMap::new();
+    for entry in kv.list(&layout.status_prefix())? {
+        let Some(key) = layout.parse_status_key(&entry.key) else {
             continue;
         };
-        match serde_json::from_slice::<Value>(&entry.value) {
-            Ok(v) if v.is_object() => {
-                statuses.insert(key, v);
+        match serde_json::from_slice::<ObjectStatus>(&entry.value) {
+            Ok(status) => {
+                statuses.insert(key, status);
             }
-            _ => problem(&entry.key, "the status is not a JSON object".to_string()),
+            Err(e) => problem(&entry.key, format!("the status does not decode: {e}")),
         }
     }
     let keys: BTreeSet<&ObjectKey> = configs.keys().chain(statuses.keys()).collect();
-    let mut objects = Vec::new();
+    let mut rows = Vec::new();
     for key in keys {
         let config_index = configs.get(key).copied();
-        let mut object = match statuses.get(key) {
-            Some(status) => status.clone(),
-            None => json!({
-                "kind": key.kind.as_str(),
-                "name": key.name,
-                "state": "Pending",
-                "errors": [],
-                "warnings": [],
-                "source": layout.config_key(key),
-                "servingLastGood": false,
-                "proxies": {"total": 0, "acked": 0},
-            }),
+        let mut row = match statuses.get(key) {
+            Some(status) => Row::judged(status.clone()),
+            None => Row {
+                shown: Shown::Pending {
+                    key: key.clone(),
+                    source: layout.config_key(key),
+                },
+                note: None,
+            },
         };
-        let judged = object["configModifyIndex"].as_u64();
-        let note = match (config_index, statuses.contains_key(key)) {
+        let judged = statuses.get(key).and_then(|s| s.config_modify_index);
+        row.note = match (config_index, statuses.contains_key(key)) {
             (None, _) => Some(
                 "the config key is gone; the controller removes this status".to_string(),
             ),
@@ -159,17 +244,14 @@ pub fn from_consul(kv: &dyn Kv, layout: &Layout) -> anyhow::Result<(Vec<Value>, 
                 format!("the controller has not judged the latest change yet (judged ModifyIndex {j}, now {now})")
             }),
         };
-        if let Some(note) = note {
-            object["note"] = Value::String(note);
-        }
-        objects.push(object);
+        rows.push(row);
     }
-    Ok((objects, Value::Object(problems)))
+    Ok((rows, problems))
 }
 
 /// A readable table: one line per object, then one line per problem under it.
-pub fn table(objects: &[&Value], source_errors: &Value) -> String {
-    let mut rows = vec![[
+pub fn table(rows: &[&Row], source_errors: &SourceErrors) -> String {
+    let mut lines = vec![[
         "KIND".to_string(),
         "NAME".to_string(),
         "STATE".to_string(),
@@ -177,46 +259,42 @@ pub fn table(objects: &[&Value], source_errors: &Value) -> String {
         "SOURCE".to_string(),
     ]];
     let mut details = Vec::new();
-    for o in objects {
-        let s = |k: &str| o[k].as_str().unwrap_or_default().to_string();
-        rows.push([
-            s("kind"),
-            s("name"),
-            s("state"),
-            format!("{}/{}", o["proxies"]["acked"], o["proxies"]["total"]),
-            s("source"),
+    for row in rows {
+        let proxies = row.proxies();
+        lines.push([
+            row.kind().to_string(),
+            row.name().to_string(),
+            row.state(),
+            format!("{}/{}", proxies.acked, proxies.total),
+            row.source().to_string(),
         ]);
-        let mut lines = Vec::new();
-        for (label, field) in [("error", "errors"), ("warning", "warnings")] {
-            for p in o[field].as_array().into_iter().flatten() {
-                let path = p["path"].as_str().unwrap_or_default();
-                let msg = p["message"].as_str().unwrap_or_default();
-                lines.push(if path.is_empty() {
-                    format!("  {label}: {msg}")
-                } else {
-                    format!("  {label}: {path}: {msg}")
-                });
+        let mut under = Vec::new();
+        if let Shown::Judged(s) = &row.shown {
+            for (label, problems) in [("error", &s.errors), ("warning", &s.warnings)] {
+                for p in problems {
+                    under.push(format!("  {label}: {p}"));
+                }
+            }
+            if s.serving_last_good {
+                under.push("  serving the last accepted version".to_string());
             }
         }
-        if o["servingLastGood"] == true {
-            lines.push("  serving the last accepted version".to_string());
+        if let Some(note) = &row.note {
+            under.push(format!("  {note}"));
         }
-        if let Some(note) = o["note"].as_str() {
-            lines.push(format!("  {note}"));
-        }
-        details.push(lines);
+        details.push(under);
     }
     let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .map(|i| lines.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for (i, row) in rows.iter().enumerate() {
-        let line: Vec<String> = row
+    for (i, line) in lines.iter().enumerate() {
+        let cells: Vec<String> = line
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        out.push_str(line.join("  ").trim_end());
+        out.push_str(cells.join("  ").trim_end());
         out.push('\n');
         if i > 0 {
             for d in &details[i - 1] {
@@ -225,14 +303,9 @@ pub fn table(objects: &[&Value], source_errors: &Value) -> String {
             }
         }
     }
-    if let Some(map) = source_errors.as_object() {
-        for (source, problems) in map {
-            for p in problems.as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "source {source}: {}\n",
-                    p["message"].as_str().unwrap_or_default()
-                ));
-            }
+    for (source, problems) in source_errors {
+        for p in problems {
+            out.push_str(&format!("source {source}: {}\n", p.message));
         }
     }
     out
@@ -241,16 +314,24 @@ pub fn table(objects: &[&Value], source_errors: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use vmesh_model::State;
 
     #[test]
     fn the_table_shows_state_proxies_and_the_field_at_fault() {
-        let o = json!({
-            "kind": "VirtualService", "name": "web", "state": "Rejected", "source": "web.yaml",
-            "errors": [{"path": "spec.routes[0].match.regex", "message": "invalid regex"}],
-            "warnings": [], "servingLastGood": true, "proxies": {"total": 2, "acked": 1}
+        let row = Row::judged(ObjectStatus {
+            kind: "VirtualService".into(),
+            name: "web".into(),
+            state: State::Rejected,
+            errors: vec![Problem::new("spec.routes[0].match.regex", "invalid regex")],
+            warnings: vec![],
+            source: "web.yaml".into(),
+            version: "abc".into(),
+            serving_last_good: true,
+            serving_version: Some("def".into()),
+            config_modify_index: None,
+            proxies: ProxyCount { total: 2, acked: 1 },
         });
-        let t = table(&[&o], &json!({}));
+        let t = table(&[&row], &SourceErrors::new());
         assert!(t.starts_with("KIND"), "{t}");
         assert!(t.contains("VirtualService  web   Rejected  1/2"), "{t}");
         assert!(
@@ -258,5 +339,6 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("serving the last accepted version"), "{t}");
+        assert_eq!(row.to_json()["servingLastGood"], true);
     }
 }

@@ -10,7 +10,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use vmesh_consul::Client;
-use vmesh_registry::{unix_secs, Registry, RegistryError, TokenState};
+use vmesh_layout::unix_secs;
+use vmesh_registry::{Registry, RegistryError, TokenState};
 use vmesh_tls::tokens::{TokenError, TokenId, TokenInfo};
 
 use crate::consul::{ConsulArgs, Failure};

@@ -1,6 +1,6 @@
 //! vmesh-consul: the Consul HTTP calls vmesh makes ([`Client`]), configured from the
-//! standard `CONSUL_*` variables ([`ConsulConfig`]), and the blocking-query watch as a
-//! pure state machine ([`KvWatch`]).
+//! standard `CONSUL_*` variables ([`ConsulConfig`]), the blocking-query watch as a pure state
+//! machine ([`KvWatch`]) and the one driver every KV watch runs on ([`KvWatcher`]).
 
 mod agent;
 mod client;
@@ -8,6 +8,7 @@ mod config;
 #[cfg(feature = "clap")]
 mod flags;
 pub mod watch;
+mod watcher;
 
 pub use agent::{
     parse_agent_checks, parse_agent_self, parse_agent_services, AgentSelf, LocalCheck, LocalService,
@@ -16,7 +17,8 @@ pub use client::{Client, Indexed, KvEntry, SessionRequest, WriteOptions};
 pub use config::{ConsulConfig, ConsulEnv};
 #[cfg(feature = "clap")]
 pub use flags::ConsulFlags;
-pub use watch::{KvWatch, Next, WatchConfig, WatchEvent};
+pub use watch::{Filtered, KvWatch, Next, WatchConfig, WatchEvent};
+pub use watcher::{Changes, KvWatcher, WatchError};
 
 /// What went wrong talking to Consul. Messages never contain the ACL token.
 #[derive(Debug, thiserror::Error)]

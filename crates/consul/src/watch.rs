@@ -11,12 +11,17 @@
 //! - a wake-up is not a change: entries are compared by `ModifyIndex` and only
 //!   changed keys come out; a wake-up with nothing changed waits a little before the
 //!   next read, so a flapping index cannot turn the loop hot;
-//! - errors back off exponentially with jitter; the read after an error does not
-//!   block, so a Consul that is back is seen at once, and it yields only what really
-//!   changed meanwhile, so nothing is pushed again.
+//! - errors back off exponentially with jitter (the one policy, [`vmesh_retry::Backoff`]); the
+//!   read after an error does not block, so a Consul that is back is seen at once, and it yields
+//!   only what really changed meanwhile, so nothing is pushed again;
+//! - an answer Consul filtered by ACLs is a partial view: it is *unknown*, not "gone". Nothing
+//!   comes out of it (applying it would delete every key the token may not read); it counts as
+//!   a failed read, and the last view stands until a complete answer arrives.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use vmesh_retry::Backoff;
 
 use crate::{Indexed, KvEntry};
 
@@ -58,6 +63,10 @@ pub enum WatchEvent {
     Delete(String),
 }
 
+/// An answer that was filtered by ACLs: unknown, not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filtered;
+
 #[derive(Clone, Debug)]
 pub struct KvWatch {
     config: WatchConfig,
@@ -68,10 +77,17 @@ pub struct KvWatch {
     synced: bool,
     failures: u32,
     delay: Duration,
+    backoff: Backoff,
 }
 
 impl KvWatch {
     pub fn new(config: WatchConfig) -> Self {
+        Self::with_seed(config, vmesh_retry::seed())
+    }
+
+    /// A watch whose backoff jitter comes from `seed` (tests).
+    pub fn with_seed(config: WatchConfig, seed: u64) -> Self {
+        let backoff = Backoff::with_seed(config.backoff_base, config.backoff_max, seed);
         KvWatch {
             config,
             index: 0,
@@ -79,6 +95,7 @@ impl KvWatch {
             synced: false,
             failures: 0,
             delay: Duration::ZERO,
+            backoff,
         }
     }
 
@@ -108,8 +125,16 @@ impl KvWatch {
         self.synced
     }
 
-    /// A read answered: the keys that changed since the last answer.
-    pub fn on_response(&mut self, response: Indexed<Vec<KvEntry>>) -> Vec<WatchEvent> {
+    /// A read answered: the keys that changed since the last answer. An answer filtered by ACLs
+    /// changes nothing and counts as a failed read.
+    pub fn on_response(
+        &mut self,
+        response: Indexed<Vec<KvEntry>>,
+    ) -> Result<Vec<WatchEvent>, Filtered> {
+        if response.filtered_by_acls {
+            self.on_error();
+            return Err(Filtered);
+        }
         let went_back = self.synced && response.index < self.index;
         self.index = if went_back {
             // The store was restored or a leader changed: the old index may never come
@@ -133,26 +158,20 @@ impl KvWatch {
         }
         self.known = now;
         self.failures = 0;
+        self.backoff.reset();
         self.synced = true;
         self.delay = if events.is_empty() && !went_back {
             self.config.quiet_pause
         } else {
             Duration::ZERO
         };
-        events
+        Ok(events)
     }
 
-    /// A read failed. `jitter` in [0, 1) spreads retries of many controllers apart.
-    pub fn on_error(&mut self, jitter: f64) {
+    /// A read failed: the next one waits a jittered, growing delay and does not block.
+    pub fn on_error(&mut self) {
         self.failures = self.failures.saturating_add(1);
-        let exp = self.failures.saturating_sub(1).min(20);
-        let full = self
-            .config
-            .backoff_base
-            .saturating_mul(1 << exp)
-            .min(self.config.backoff_max);
-        // Between half and all of it.
-        self.delay = full / 2 + full.mul_f64(jitter.clamp(0.0, 1.0) / 2.0);
+        self.delay = self.backoff.next_delay();
     }
 }
 
@@ -200,7 +219,9 @@ mod tests {
                 delay: Duration::ZERO
             }
         );
-        let ev = w.on_response(answer(7, vec![entry("p/a", 5, "1"), entry("p/b", 7, "2")]));
+        let ev = w
+            .on_response(answer(7, vec![entry("p/a", 5, "1"), entry("p/b", 7, "2")]))
+            .unwrap();
         assert_eq!(keys(&ev), vec!["+p/a", "+p/b"]);
         assert_eq!(
             w.next(),
@@ -215,26 +236,34 @@ mod tests {
     #[test]
     fn an_empty_prefix_never_blocks_on_index_zero() {
         let mut w = KvWatch::new(WatchConfig::default());
-        assert!(w.on_response(answer(0, vec![])).is_empty());
+        assert!(w.on_response(answer(0, vec![])).unwrap().is_empty());
         assert_eq!(w.next().index, Some(1));
     }
 
     #[test]
     fn only_changed_keys_come_out_and_deletes_are_seen() {
         let mut w = KvWatch::new(WatchConfig::default());
-        w.on_response(answer(7, vec![entry("p/a", 5, "1"), entry("p/b", 7, "2")]));
-        let ev = w.on_response(answer(9, vec![entry("p/a", 5, "1"), entry("p/b", 9, "3")]));
+        w.on_response(answer(7, vec![entry("p/a", 5, "1"), entry("p/b", 7, "2")]))
+            .unwrap();
+        let ev = w
+            .on_response(answer(9, vec![entry("p/a", 5, "1"), entry("p/b", 9, "3")]))
+            .unwrap();
         assert_eq!(keys(&ev), vec!["+p/b"]);
-        let ev = w.on_response(answer(10, vec![entry("p/b", 9, "3")]));
+        let ev = w
+            .on_response(answer(10, vec![entry("p/b", 9, "3")]))
+            .unwrap();
         assert_eq!(keys(&ev), vec!["-p/a"]);
     }
 
     #[test]
     fn a_wake_up_with_nothing_changed_is_no_change_and_slows_the_loop() {
         let mut w = KvWatch::new(WatchConfig::default());
-        w.on_response(answer(7, vec![entry("p/a", 5, "1")]));
+        w.on_response(answer(7, vec![entry("p/a", 5, "1")]))
+            .unwrap();
         // The index moved for another reason (another prefix, a tombstone reaped).
-        let ev = w.on_response(answer(12, vec![entry("p/a", 5, "1")]));
+        let ev = w
+            .on_response(answer(12, vec![entry("p/a", 5, "1")]))
+            .unwrap();
         assert!(ev.is_empty());
         assert_eq!(
             w.next(),
@@ -244,16 +273,20 @@ mod tests {
             }
         );
         // A real change goes through at once again.
-        w.on_response(answer(13, vec![entry("p/a", 13, "2")]));
+        w.on_response(answer(13, vec![entry("p/a", 13, "2")]))
+            .unwrap();
         assert_eq!(w.next().delay, Duration::ZERO);
     }
 
     #[test]
     fn an_index_that_goes_backwards_resets_to_a_non_blocking_read() {
         let mut w = KvWatch::new(WatchConfig::default());
-        w.on_response(answer(100, vec![entry("p/a", 90, "1")]));
+        w.on_response(answer(100, vec![entry("p/a", 90, "1")]))
+            .unwrap();
         // A snapshot restore: lower index, content as of the snapshot.
-        let ev = w.on_response(answer(40, vec![entry("p/a", 30, "0")]));
+        let ev = w
+            .on_response(answer(40, vec![entry("p/a", 30, "0")]))
+            .unwrap();
         assert_eq!(keys(&ev), vec!["+p/a"], "the content is still compared");
         assert_eq!(
             w.next(),
@@ -262,41 +295,59 @@ mod tests {
                 delay: Duration::ZERO
             }
         );
-        w.on_response(answer(41, vec![entry("p/a", 30, "0")]));
+        w.on_response(answer(41, vec![entry("p/a", 30, "0")]))
+            .unwrap();
         assert_eq!(w.next().index, Some(41));
     }
 
     #[test]
     fn errors_back_off_with_jitter_up_to_the_cap_and_recovery_resends_nothing() {
         let cfg = WatchConfig::default();
-        let mut w = KvWatch::new(cfg.clone());
-        w.on_response(answer(7, vec![entry("p/a", 5, "1")]));
-        let mut delays = Vec::new();
+        let mut w = KvWatch::with_seed(cfg.clone(), 7);
+        w.on_response(answer(7, vec![entry("p/a", 5, "1")]))
+            .unwrap();
+        let mut ceiling = cfg.backoff_base;
         for _ in 0..12 {
-            w.on_error(1.0);
-            delays.push(w.next().delay);
+            w.on_error();
+            let delay = w.next().delay;
+            assert!(delay <= ceiling, "{delay:?} > {ceiling:?}");
             assert!(!w.is_healthy());
+            assert_eq!(
+                w.next().index,
+                None,
+                "the retry answers at once, so recovery shows"
+            );
+            ceiling = (ceiling * 2).min(cfg.backoff_max);
         }
-        assert_eq!(delays[0], cfg.backoff_base);
-        assert_eq!(delays[1], cfg.backoff_base * 2);
-        assert!(delays.windows(2).all(|d| d[0] <= d[1]), "{delays:?}");
-        assert_eq!(*delays.last().unwrap(), cfg.backoff_max);
-        w.on_error(0.0);
-        assert_eq!(
-            w.next().delay,
-            cfg.backoff_max / 2,
-            "jitter takes up to half off"
-        );
-        assert_eq!(
-            w.next().index,
-            None,
-            "the retry answers at once, so recovery shows"
-        );
+        assert_eq!(ceiling, cfg.backoff_max, "the delays reached the cap");
 
         // Consul is back with the same content: nothing comes out.
-        let ev = w.on_response(answer(7, vec![entry("p/a", 5, "1")]));
+        let ev = w
+            .on_response(answer(7, vec![entry("p/a", 5, "1")]))
+            .unwrap();
         assert!(ev.is_empty());
         assert!(w.is_healthy());
         assert_eq!(w.failures(), 0);
+        // The next failure starts from the base again.
+        w.on_error();
+        assert!(w.next().delay <= cfg.backoff_base);
+    }
+
+    #[test]
+    fn an_answer_filtered_by_acls_is_unknown_not_gone() {
+        let mut w = KvWatch::with_seed(WatchConfig::default(), 1);
+        w.on_response(answer(7, vec![entry("p/a", 5, "1"), entry("p/b", 6, "2")]))
+            .unwrap();
+        // The token lost read on p/b: Consul leaves it out and says so.
+        let mut partial = answer(8, vec![entry("p/a", 5, "1")]);
+        partial.filtered_by_acls = true;
+        assert_eq!(w.on_response(partial), Err(Filtered));
+        assert_eq!(w.failures(), 1, "counted as a failed read");
+        assert_eq!(w.next().index, None);
+        // Once complete answers come back, nothing was deleted meanwhile.
+        let ev = w
+            .on_response(answer(9, vec![entry("p/a", 5, "1"), entry("p/b", 6, "2")]))
+            .unwrap();
+        assert!(ev.is_empty(), "{:?}", keys(&ev));
     }
 }

@@ -72,6 +72,14 @@ impl ObjectKey {
     pub fn gateway(name: impl Into<String>) -> Self {
         Self::new(Kind::Gateway, name)
     }
+
+    /// The key written as `Kind/name` (its [`Display`](fmt::Display) form), if the kind is known
+    /// and the name valid.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (kind, name) = text.split_once('/')?;
+        let kind = Kind::parse(kind)?;
+        is_valid_name(name).then(|| ObjectKey::new(kind, name))
+    }
 }
 
 impl fmt::Display for ObjectKey {
@@ -189,22 +197,29 @@ pub fn parse_single(text: &str) -> Result<Parsed, Problem> {
     }
 }
 
-/// Reads the documents of a text as JSON values. JSON (text starting with `{`) is
-/// read with the JSON parser for exact error positions; anything else as YAML.
+/// Reads the documents of a text as JSON values.
 fn read_values(text: &str) -> Result<Vec<Value>, Problem> {
+    read_documents(text)
+}
+
+/// The one way vmesh splits and reads a text of documents (the directory source, Consul values,
+/// `vmeshctl apply` and `validate`): JSON (text starting with `{`, after a byte-order mark and
+/// white space) is one document, read with the JSON parser for exact error positions; anything
+/// else is YAML, documents separated by `---`. Empty documents are skipped. Each document is
+/// read as `T` (e.g. `serde_json::Value`, or `serde_yaml_ng::Value` to keep the written key
+/// order). The error has the line and column.
+pub fn read_documents<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, Problem> {
     let trimmed = text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n']);
     if trimmed.starts_with('{') {
-        let value: Value = serde_json::from_str(trimmed)
+        let value: Option<T> = serde_json::from_str(trimmed)
             .map_err(|e| Problem::new("", format!("invalid JSON: {e}")))?;
-        return Ok(vec![value]);
+        return Ok(value.into_iter().collect());
     }
     let mut values = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(text) {
-        let value = Value::deserialize(document)
+        let value = Option::<T>::deserialize(document)
             .map_err(|e| Problem::new("", format!("invalid YAML: {e}")))?;
-        if !value.is_null() {
-            values.push(value);
-        }
+        values.extend(value);
     }
     Ok(values)
 }

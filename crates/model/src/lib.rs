@@ -31,7 +31,8 @@ mod virtual_service;
 
 pub use catalog::{Catalog, Health, ServiceInstance};
 pub use document::{
-    parse_multi, parse_single, parse_value, Document, Kind, Object, ObjectKey, Parsed,
+    parse_multi, parse_single, parse_value, read_documents, Document, Kind, Object, ObjectKey,
+    Parsed,
 };
 pub use duration::Duration;
 pub use gateway::{GatewaySpec, DEFAULT_BIND_ADDRESS, DEFAULT_PROXY_NAME};

@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
 use crate::document::{parse_multi, parse_single, Document, Object, ObjectKey, Parsed};
@@ -42,7 +42,7 @@ pub enum SourceMode {
 }
 
 /// The status of one config object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum State {
     /// Valid and used as written.
     Accepted,
@@ -50,6 +50,17 @@ pub enum State {
     Warning,
     /// Invalid; the last accepted version, if any, is served instead.
     Rejected,
+}
+
+impl State {
+    /// The name, as in the status JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Accepted => "Accepted",
+            State::Warning => "Warning",
+            State::Rejected => "Rejected",
+        }
+    }
 }
 
 /// What the controller reports about one config object.

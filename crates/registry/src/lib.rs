@@ -13,14 +13,14 @@
 //!
 //! # Concurrency
 //!
-//! Every read-modify-write is a check-and-set on the ModifyIndex just read, retried after a
-//! fresh read when someone else wrote in between: two agents redeeming one single-use token at
+//! Every read-modify-write is a check-and-set on the ModifyIndex just read, retried (after a short
+//! jittered pause) with a fresh read when someone else wrote in between: two agents redeeming one single-use token at
 //! the same time never both succeed, and revoking a token never loses a concurrent redemption's
 //! count (or the other way round). A token is created with `cas=0`, so it never overwrites one.
 //!
 //! # Records that do not decode
 //!
-//! - `list_tokens`, `list_agents`, `list_revocations` and `watch_revoked` fail with
+//! - `list_tokens`, `list_agents`, `list_revocations` and `deny` fail with
 //!   [`RegistryError::Corrupt`] naming the first such key: an incomplete deny list or listing
 //!   must not look complete.
 //! - `revoke_token` fails with `Corrupt` when the token's own record does not decode, and
@@ -32,16 +32,24 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use vmesh_consul::{Client, ConsulError, Indexed, KvEntry, WriteOptions};
+use vmesh_consul::{Client, ConsulError, KvEntry, WriteOptions};
+use vmesh_layout::{unix_secs, Layout};
+use vmesh_retry::Backoff;
 use vmesh_tls::tokens::{Secret, TokenError, TokenId, TokenInfo, TokenRecord, TokenStore};
 use vmesh_tls::{DenyList, SpiffeId};
 
 /// How many times a check-and-set write is retried after someone else wrote the key first.
 /// Each failed attempt means another writer succeeded, so this bounds contention, not time.
 const CAS_ATTEMPTS: usize = 16;
+
+/// The pause after losing a check-and-set race: short and jittered (the one retry policy), so
+/// writers that collided spread apart instead of colliding again at once.
+fn contention() -> Backoff {
+    Backoff::new(Duration::from_millis(2), Duration::from_millis(100))
+}
 
 /// Why a registry operation failed. Never contains a secret or a hash.
 #[derive(Debug, thiserror::Error)]
@@ -140,16 +148,11 @@ impl fmt::Display for TokenState {
     }
 }
 
-/// Seconds since the Unix epoch (0 before it).
-pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// The registry under one KV prefix.
 #[derive(Debug, Clone)]
 pub struct Registry {
     client: Client,
-    prefix: String,
+    layout: Layout,
 }
 
 impl Registry {
@@ -157,7 +160,7 @@ impl Registry {
     pub fn new(client: Client, prefix: &str) -> Self {
         Registry {
             client,
-            prefix: prefix.trim_end_matches('/').to_owned(),
+            layout: Layout::new(prefix),
         }
     }
 
@@ -165,34 +168,26 @@ impl Registry {
         &self.client
     }
 
-    /// `<prefix>/tokens/`
-    pub fn tokens_prefix(&self) -> String {
-        format!("{}/tokens/", self.prefix)
-    }
-
-    /// `<prefix>/agents/`
-    pub fn agents_prefix(&self) -> String {
-        format!("{}/agents/", self.prefix)
-    }
-
-    /// `<prefix>/revoked/`
-    pub fn revoked_prefix(&self) -> String {
-        format!("{}/revoked/", self.prefix)
+    /// Where the records are.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// `<prefix>/tokens/<id>`
     pub fn token_key(&self, id: &TokenId) -> String {
-        format!("{}{id}", self.tokens_prefix())
+        self.layout.token_key(id.as_str())
     }
 
     /// `<prefix>/agents/<dc>/<node>`
     pub fn agent_key(&self, id: &SpiffeId) -> Result<String, RegistryError> {
-        Ok(format!("{}{}", self.agents_prefix(), dc_node(id)?))
+        let (dc, node) = dc_node(id)?;
+        Ok(self.layout.agent_key(dc, node))
     }
 
     /// `<prefix>/revoked/<dc>/<node>`
     pub fn revocation_key(&self, id: &SpiffeId) -> Result<String, RegistryError> {
-        Ok(format!("{}{}", self.revoked_prefix(), dc_node(id)?))
+        let (dc, node) = dc_node(id)?;
+        Ok(self.layout.revocation_key(dc, node))
     }
 
     /// Creates a token and stores its record (never overwriting one). Returns the id and the
@@ -204,7 +199,7 @@ impl Registry {
         node: Option<String>,
         now: SystemTime,
     ) -> Result<(TokenId, Secret), RegistryError> {
-        let mut last_key = self.tokens_prefix();
+        let mut last_key = self.layout.tokens_prefix();
         for _ in 0..CAS_ATTEMPTS {
             let mut store = TokenStore::new();
             let (id, secret) = store.create(ttl, uses, node.clone(), now)?;
@@ -224,8 +219,8 @@ impl Registry {
     /// Every token, oldest first; never a secret or hash.
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, RegistryError> {
         let mut out = Vec::new();
-        for entry in self.list(&self.tokens_prefix()).await? {
-            out.push(decode_token(&self.tokens_prefix(), &entry)?.info);
+        for entry in self.list(&self.layout.tokens_prefix()).await? {
+            out.push(self.decode_token(&entry)?.info);
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
         Ok(out)
@@ -245,13 +240,14 @@ impl Registry {
         }
         let key = self.token_key(id);
         let mut revoked = false;
+        let mut backoff = contention();
         for _ in 0..CAS_ATTEMPTS {
             let entry = self
                 .client
                 .kv_get(&key)
                 .await?
                 .ok_or_else(|| TokenError::NotFound { id: id.clone() })?;
-            let mut record = decode_token(&self.tokens_prefix(), &entry)?;
+            let mut record = self.decode_token(&entry)?;
             if record.info.revoked {
                 revoked = true;
                 break;
@@ -264,6 +260,7 @@ impl Registry {
                 revoked = true;
                 break;
             }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         if !revoked {
             return Err(RegistryError::Conflict { key });
@@ -297,12 +294,13 @@ impl Registry {
         node: &str,
         now: SystemTime,
     ) -> Result<TokenInfo, RegistryError> {
-        let folder = self.tokens_prefix();
+        let folder = self.layout.tokens_prefix();
+        let mut backoff = contention();
         for _ in 0..CAS_ATTEMPTS {
             let mut indexes = BTreeMap::new();
             let mut records = Vec::new();
             for entry in self.list(&folder).await? {
-                match decode_token(&folder, &entry) {
+                match self.decode_token(&entry) {
                     Ok(record) => {
                         indexes.insert(record.info.id.clone(), entry.modify_index);
                         records.push(record);
@@ -327,6 +325,7 @@ impl Registry {
                 return Ok(info);
             }
             tracing::debug!(token = %info.id, "bootstrap token changed while redeeming it; retrying");
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         Err(RegistryError::Conflict {
             key: folder.trim_end_matches('/').to_owned(),
@@ -344,18 +343,17 @@ impl Registry {
     pub async fn agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, RegistryError> {
         let key = self.agent_key(id)?;
         match self.client.kv_get(&key).await? {
-            Some(entry) => Ok(Some(decode_agent(&self.agents_prefix(), &entry)?)),
+            Some(entry) => Ok(Some(self.decode_agent(&entry)?)),
             None => Ok(None),
         }
     }
 
     /// Every registered agent, by datacenter and node.
     pub async fn list_agents(&self) -> Result<Vec<AgentRecord>, RegistryError> {
-        let folder = self.agents_prefix();
-        self.list(&folder)
+        self.list(&self.layout.agents_prefix())
             .await?
             .iter()
-            .map(|e| decode_agent(&folder, e))
+            .map(|e| self.decode_agent(e))
             .collect()
     }
 
@@ -382,6 +380,7 @@ impl Registry {
     /// revoked.
     pub async fn allow_agent(&self, id: &SpiffeId) -> Result<bool, RegistryError> {
         let key = self.revocation_key(id)?;
+        let mut backoff = contention();
         for _ in 0..CAS_ATTEMPTS {
             let Some(entry) = self.client.kv_get(&key).await? else {
                 return Ok(false);
@@ -396,49 +395,26 @@ impl Registry {
                 self.client.kv_delete(&self.agent_key(id)?, None).await?;
                 return Ok(true);
             }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         Err(RegistryError::Conflict { key })
     }
 
     /// Every revocation, by datacenter and node.
     pub async fn list_revocations(&self) -> Result<Vec<Revocation>, RegistryError> {
-        let folder = self.revoked_prefix();
-        self.list(&folder)
+        self.list(&self.layout.revoked_prefix())
             .await?
             .iter()
-            .map(|e| decode_revocation(&folder, e))
+            .map(|e| self.decode_revocation(e))
             .collect()
     }
 
-    /// Blocking read of `<prefix>/revoked/`: with `index`, waits until something under it
-    /// changes past that index or `wait` ends (a Consul blocking query), then returns the deny
-    /// list of every revoked agent and the index to block on next. Fails (rather than return
-    /// a shorter list) when a revocation does not decode or ACLs hide some.
-    pub async fn watch_revoked(
-        &self,
-        index: Option<u64>,
-        wait: Duration,
-    ) -> Result<Indexed<DenyList>, RegistryError> {
-        let folder = self.revoked_prefix();
-        let read = self.client.kv_list(&folder, index, wait).await?;
-        if read.filtered_by_acls {
-            return Err(RegistryError::Incomplete { prefix: folder });
-        }
-        let revocations = read
-            .value
-            .iter()
-            .filter(|e| !e.key.ends_with('/'))
-            .map(|e| decode_revocation(&folder, e))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Indexed {
-            index: read.index,
-            value: deny_list(&revocations),
-            filtered_by_acls: false,
-        })
+    /// The deny list as it is now (the controller reads it once at start; after that it
+    /// watches `<prefix>/revoked/`).
+    pub async fn deny(&self) -> Result<DenyList, RegistryError> {
+        Ok(deny_list(&self.list_revocations().await?))
     }
 
-    /// Every entry under `folder` in key order, without folder placeholders (`a/b/`),
-    /// refusing an answer ACLs filtered.
     async fn list(&self, folder: &str) -> Result<Vec<KvEntry>, RegistryError> {
         let read = self.client.kv_list(folder, None, Duration::ZERO).await?;
         if read.filtered_by_acls {
@@ -487,11 +463,11 @@ fn is_valid_token_id(id: &TokenId) -> bool {
 }
 
 /// `<dc>/<node>` of an agent identity.
-fn dc_node(id: &SpiffeId) -> Result<String, RegistryError> {
+fn dc_node(id: &SpiffeId) -> Result<(&str, &str), RegistryError> {
     let node = id
         .agent_node()
         .ok_or_else(|| RegistryError::NotAnAgent { id: id.to_string() })?;
-    Ok(format!("{}/{node}", id.dc()))
+    Ok((id.dc(), node))
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -509,51 +485,60 @@ fn utf8(entry: &KvEntry) -> Result<&str, RegistryError> {
     std::str::from_utf8(&entry.value).map_err(|_| corrupt(entry, "the value is not UTF-8"))
 }
 
-fn decode_token(folder: &str, entry: &KvEntry) -> Result<TokenRecord, RegistryError> {
-    let record = TokenRecord::from_json(utf8(entry)?).map_err(|e| match e {
-        TokenError::Decode(m) => corrupt(entry, m),
-        other => corrupt(entry, other.to_string()),
-    })?;
-    let named = entry.key.strip_prefix(folder).unwrap_or_default();
-    if named != record.info.id.as_str() {
-        return Err(corrupt(
-            entry,
-            format!("the record is for token {:?}", record.info.id.as_str()),
-        ));
+impl Registry {
+    /// A token record, checked against its key.
+    fn decode_token(&self, entry: &KvEntry) -> Result<TokenRecord, RegistryError> {
+        let record = TokenRecord::from_json(utf8(entry)?).map_err(|e| match e {
+            TokenError::Decode(m) => corrupt(entry, m),
+            other => corrupt(entry, other.to_string()),
+        })?;
+        if self.layout.parse_token_key(&entry.key) != Some(record.info.id.as_str()) {
+            return Err(corrupt(
+                entry,
+                format!("the record is for token {:?}", record.info.id.as_str()),
+            ));
+        }
+        Ok(record)
     }
-    Ok(record)
-}
 
-/// Decodes an agent-keyed value and checks that `<dc>/<node>` of its key matches its identity.
-fn decode_keyed<T: serde::de::DeserializeOwned>(
-    folder: &str,
-    entry: &KvEntry,
-    id: impl Fn(&T) -> &SpiffeId,
-) -> Result<T, RegistryError> {
-    let value: T = serde_json::from_str(utf8(entry)?).map_err(|e| corrupt(entry, e.to_string()))?;
-    let spiffe_id = id(&value);
-    let named = entry.key.strip_prefix(folder).unwrap_or_default();
-    match dc_node(spiffe_id) {
-        Ok(expected) if expected == named => Ok(value),
-        Ok(_) => Err(corrupt(
-            entry,
-            format!("the record is for {spiffe_id}, which belongs under {folder}<dc>/<node>"),
-        )),
-        Err(e) => Err(corrupt(entry, e.to_string())),
+    /// A record of an agent, checked against its key (`key_of` builds the key its identity
+    /// belongs under).
+    fn decode_keyed<T: serde::de::DeserializeOwned>(
+        &self,
+        entry: &KvEntry,
+        id: impl Fn(&T) -> &SpiffeId,
+        key_of: impl Fn(&Layout, &str, &str) -> String,
+    ) -> Result<T, RegistryError> {
+        let value: T =
+            serde_json::from_str(utf8(entry)?).map_err(|e| corrupt(entry, e.to_string()))?;
+        let spiffe_id = id(&value);
+        match dc_node(spiffe_id) {
+            Ok((dc, node)) if key_of(&self.layout, dc, node) == entry.key => Ok(value),
+            Ok((dc, node)) => Err(corrupt(
+                entry,
+                format!(
+                    "the record is for {spiffe_id}, which belongs under {}",
+                    key_of(&self.layout, dc, node)
+                ),
+            )),
+            Err(e) => Err(corrupt(entry, e.to_string())),
+        }
     }
-}
 
-fn decode_agent(folder: &str, entry: &KvEntry) -> Result<AgentRecord, RegistryError> {
-    decode_keyed(folder, entry, |a: &AgentRecord| &a.spiffe_id)
-}
+    fn decode_agent(&self, entry: &KvEntry) -> Result<AgentRecord, RegistryError> {
+        self.decode_keyed(entry, |a: &AgentRecord| &a.spiffe_id, Layout::agent_key)
+    }
 
-fn decode_revocation(folder: &str, entry: &KvEntry) -> Result<Revocation, RegistryError> {
-    decode_keyed(folder, entry, |r: &Revocation| &r.spiffe_id)
+    /// A revocation record, checked against its key.
+    pub fn decode_revocation(&self, entry: &KvEntry) -> Result<Revocation, RegistryError> {
+        self.decode_keyed(entry, |r: &Revocation| &r.spiffe_id, Layout::revocation_key)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn info(revoked: bool, expires: Option<u64>, uses_left: Option<u32>) -> TokenInfo {
         TokenInfo {
@@ -618,19 +603,27 @@ mod tests {
             session: None,
         };
         let json = to_json(&revocation).into_bytes();
-        let folder = "vmesh/revoked/";
+        let client = Client::new(&vmesh_consul::ConsulConfig {
+            address: "http://127.0.0.1:1".into(),
+            ..Default::default()
+        })
+        .expect("client");
+        let reg = Registry::new(client, "vmesh");
         assert_eq!(
-            decode_revocation(folder, &entry("vmesh/revoked/dc1/vm-1", json.clone()))
+            reg.decode_revocation(&entry("vmesh/revoked/dc1/vm-1", json.clone()))
                 .expect("decodes"),
             revocation
         );
-        let err = decode_revocation(folder, &entry("vmesh/revoked/dc1/vm-2", json)).unwrap_err();
+        let err = reg
+            .decode_revocation(&entry("vmesh/revoked/dc1/vm-2", json))
+            .unwrap_err();
         assert!(
             matches!(&err, RegistryError::Corrupt { key, .. } if key == "vmesh/revoked/dc1/vm-2"),
             "{err}"
         );
-        let err =
-            decode_revocation(folder, &entry("vmesh/revoked/dc1/x", b"{".to_vec())).unwrap_err();
+        let err = reg
+            .decode_revocation(&entry("vmesh/revoked/dc1/x", b"{".to_vec()))
+            .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("vmesh/revoked/dc1/x: invalid record"),

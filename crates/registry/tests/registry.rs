@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used)]
 //! The registry against the test kit's Consul emulator: tokens are created, listed and redeemed
 //! through Consul KV exactly as the controller and vmeshctl do, concurrent redemptions race on
-//! check-and-set, and revocations reach the deny list a blocking watch returns.
+//! check-and-set, and revocations reach the deny list.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use vmesh_consul::{Client, ConsulConfig};
 use vmesh_registry::{AgentRecord, Registry, RegistryError, TokenState};
@@ -296,22 +296,14 @@ async fn revoking_a_token_revokes_its_agents_and_the_watch_sees_it() {
         ["vm-1", "vm-2", "vm-3"]
     );
 
-    let start = reg
-        .watch_revoked(None, Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert!(start.value.is_empty());
+    assert!(reg.deny().await.unwrap().is_empty());
 
     let revoked = reg.revoke_token(&id, t(5)).await.unwrap();
     assert_eq!(revoked, [agent("vm-1"), agent("vm-2")]);
-    let deny = reg
-        .watch_revoked(Some(start.index), Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(deny.index > start.index);
-    assert!(deny.value.is_revoked(&agent("vm-1"), ""));
-    assert!(deny.value.is_revoked(&agent("vm-2"), ""));
-    assert!(!deny.value.is_revoked(&agent("vm-3"), ""));
+    let deny = reg.deny().await.unwrap();
+    assert!(deny.is_revoked(&agent("vm-1"), ""));
+    assert!(deny.is_revoked(&agent("vm-2"), ""));
+    assert!(!deny.is_revoked(&agent("vm-3"), ""));
     let revocations = reg.list_revocations().await.unwrap();
     assert_eq!(revocations.len(), 2);
     assert_eq!(revocations[0].revoked_unix, 1_800_000_005);
@@ -342,19 +334,16 @@ async fn revoking_a_token_revokes_its_agents_and_the_watch_sees_it() {
     // Allowing lifts one revocation.
     assert!(reg.allow_agent(&agent("vm-1")).await.unwrap());
     assert!(!reg.allow_agent(&agent("vm-1")).await.unwrap());
-    let deny = reg
-        .watch_revoked(None, Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert!(!deny.value.is_revoked(&agent("vm-1"), ""));
-    assert!(deny.value.is_revoked(&agent("vm-2"), ""));
+    let deny = reg.deny().await.unwrap();
+    assert!(!deny.is_revoked(&agent("vm-1"), ""));
+    assert!(deny.is_revoked(&agent("vm-2"), ""));
 
     // Agents are revoked one by one too, registered or not.
     reg.revoke_agent(&agent("vm-9"), "lost laptop", t(8))
         .await
         .unwrap();
-    let deny = reg.watch_revoked(None, Duration::ZERO).await.unwrap();
-    assert!(deny.value.is_revoked(&agent("vm-9"), ""));
+    let deny = reg.deny().await.unwrap();
+    assert!(deny.is_revoked(&agent("vm-9"), ""));
     let service = SpiffeId::service("vmesh", "dc1", "web").unwrap();
     assert!(matches!(
         reg.revoke_agent(&service, "x", t(9)).await,
@@ -363,50 +352,14 @@ async fn revoking_a_token_revokes_its_agents_and_the_watch_sees_it() {
 }
 
 #[tokio::test]
-async fn watch_revoked_blocks_until_a_change() {
+async fn a_revocation_that_does_not_decode_fails_the_deny_list_rather_than_hide() {
     let consul = ConsulEmulator::start();
     let reg = registry(&consul, "vmesh");
-    let first = reg.watch_revoked(None, Duration::ZERO).await.unwrap();
-
-    // Nothing changes: the query waits its whole wait, then returns the same state.
-    let began = Instant::now();
-    let idle = reg
-        .watch_revoked(Some(first.index), Duration::from_millis(400))
-        .await
-        .unwrap();
-    assert!(
-        began.elapsed() >= Duration::from_millis(350),
-        "returned after {:?} without a change",
-        began.elapsed()
-    );
-    assert!(idle.value.is_empty());
-
-    // A change under another prefix does not wake it; a revocation does.
-    let waiting = {
-        let reg = reg.clone();
-        let index = idle.index;
-        tokio::spawn(async move {
-            reg.watch_revoked(Some(index), Duration::from_secs(30))
-                .await
-        })
-    };
-    consul.kv_put("vmesh/config/Upstream/x", "kind: Upstream");
     reg.revoke_agent(&agent("vm-1"), "test", t(0))
         .await
         .unwrap();
-    let began = Instant::now();
-    let woke = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the watch returns once an agent is revoked")
-        .unwrap()
-        .unwrap();
-    assert!(began.elapsed() < Duration::from_secs(10));
-    assert!(woke.value.is_revoked(&agent("vm-1"), ""));
-    assert!(woke.index > idle.index);
-
-    // A revocation that does not decode fails the watch rather than hide itself.
     consul.kv_put("vmesh/revoked/dc1/vm-2", "{");
-    match reg.watch_revoked(None, Duration::ZERO).await {
+    match reg.deny().await {
         Err(RegistryError::Corrupt { key, .. }) => assert_eq!(key, "vmesh/revoked/dc1/vm-2"),
         other => panic!("expected Corrupt, got {other:?}"),
     }

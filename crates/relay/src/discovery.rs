@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::v1::{
+use vmesh_proto::v1::{
     agent_message, controller_message, AgentMessage, ControllerMessage, DiscoveryAck,
     DiscoveryDelta, DiscoverySnapshot, Hello, ResyncRequest, ServiceInstance,
 };
@@ -325,7 +325,7 @@ impl ControllerDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{ConfigAck, Health, ProxyConfig};
+    use vmesh_proto::v1::{ConfigAck, Health, ProxyConfig};
 
     fn instance(id: &str, port: u32, health: Health) -> ServiceInstance {
         ServiceInstance {

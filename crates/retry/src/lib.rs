@@ -1,6 +1,15 @@
-//! Capped exponential backoff with full jitter: the n-th delay is uniform in
-//! `[0, min(cap, base * 2^n)]` (AWS's "full jitter"), so agents that lost the controller at the
-//! same moment do not come back in lockstep.
+//! vmesh-retry: the one retry policy of vmesh. Capped exponential backoff with full jitter: the
+//! n-th delay is uniform in `[0, min(cap, base * 2^n)]` (AWS's "full jitter"), so agents that lost
+//! the controller at the same moment, or replicas that lost Consul, do not come back in lockstep.
+//!
+//! Used by every retry loop: the Consul watch driver, leader election, the status writer, the
+//! relay's record writer and certificate renewal in the controller, the agent's registration,
+//! reconnects and renewals, and the registry's check-and-set retries (so vmeshctl too).
+//!
+//! Pure: it reads no clock. [`Backoff::new`] seeds its pseudo-random sequence from [`seed`] (the
+//! time and the process id, read once); state machines that must not read the clock take a seed
+//! with [`Backoff::with_seed`].
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 
@@ -14,21 +23,12 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// The relay's defaults: 200 ms, doubling, up to 30 s.
-    pub fn relay() -> Self {
-        Self::new(Duration::from_millis(200), Duration::from_secs(30))
-    }
-
+    /// Delays from `base`, doubling up to `cap`, seeded by [`seed`].
     pub fn new(base: Duration, cap: Duration) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ (u64::from(std::process::id()) << 32);
-        Self::with_seed(base, cap, seed)
+        Self::with_seed(base, cap, seed())
     }
 
-    /// A backoff with a fixed seed (tests).
+    /// A backoff with a given seed: state machines that read no clock, and tests.
     pub fn with_seed(base: Duration, cap: Duration, seed: u64) -> Self {
         Backoff {
             base,
@@ -73,7 +73,9 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    fn next_unit(&mut self) -> f64 {
+    /// A draw uniform in `[0, 1)` from this backoff's sequence, for other jitter (e.g. spreading
+    /// periodic work of many processes apart).
+    pub fn next_unit(&mut self) -> f64 {
         // xorshift64*
         let mut x = self.rng;
         x ^= x >> 12;
@@ -85,8 +87,19 @@ impl Backoff {
     }
 }
 
+/// A seed that differs between processes and calls: the time's nanoseconds and the process id.
+/// The one place the retry policy reads a clock.
+pub fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (nanos ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
