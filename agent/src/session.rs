@@ -19,6 +19,9 @@ use vmesh_runtime::Shutdown;
 use crate::client::{credential, ended, NodeInfo, Relay, Stream};
 use crate::datadir::Credentials;
 
+/// How long the first stream waits for the first read of the local Consul agent.
+const FIRST_READ: Duration = Duration::from_secs(2);
+
 /// What woke the task.
 enum Event {
     Local,
@@ -59,6 +62,16 @@ pub async fn run(
         vmesh_retry::seed(),
     );
     let mut streams: BTreeMap<StreamId, Stream> = BTreeMap::new();
+    // The first snapshot carries what the local Consul agent says now, not what the data dir
+    // kept, unless it does not answer soon (then the kept discovery is reported, and the first
+    // read follows as a delta).
+    tokio::select! {
+        () = shutdown.requested() => return Ok(()),
+        _ = tokio::time::timeout(FIRST_READ, local.wait_for(Option::is_some)) => {}
+    }
+    if let Some(instances) = local.borrow_and_update().clone() {
+        session.on_local(instances);
+    }
     let mut queue: VecDeque<Action> = session
         .on_tick(std::time::Instant::now(), SystemTime::now())
         .into();
@@ -68,7 +81,11 @@ pub async fn run(
             let now = std::time::Instant::now();
             let more = match action {
                 Action::Open { id, messages } => {
-                    match relay.open_stream(&creds, bind, messages).await {
+                    let opened = tokio::select! {
+                        opened = relay.open_stream(&creds, bind, messages) => opened,
+                        () = shutdown.requested() => return Ok(()),
+                    };
+                    match opened {
                         Ok(stream) => {
                             streams.insert(id, stream);
                             session.on_opened(id, Ok(()), std::time::Instant::now())
@@ -94,7 +111,10 @@ pub async fn run(
                         .current()
                         .and_then(|id| streams.get(&id))
                         .map(|s| s.channel.clone());
-                    let renewed = relay.renew(channel, &creds, &node, bind).await;
+                    let renewed = tokio::select! {
+                        renewed = relay.renew(channel, &creds, &node, bind) => renewed,
+                        () = shutdown.requested() => return Ok(()),
+                    };
                     let outcome = match renewed {
                         Ok(new) => {
                             creds = new;
@@ -105,7 +125,10 @@ pub async fn run(
                     session.on_renewed(outcome, std::time::Instant::now(), SystemTime::now())
                 }
                 Action::Register => {
-                    creds = relay.register(&node, bind).await?;
+                    creds = tokio::select! {
+                        registered = relay.register(&node, bind) => registered?,
+                        () = shutdown.requested() => return Ok(()),
+                    };
                     session.on_registered(
                         credential(&creds),
                         std::time::Instant::now(),
@@ -130,14 +153,17 @@ pub async fn run(
         let deadline = Instant::from_std(session.next_deadline());
         let event = tokio::select! {
             biased;
+            () = shutdown.requested() => return Ok(()),
             changed = local.changed() => {
-                changed.map_err(|_| anyhow::anyhow!("local discovery stopped"))?;
+                // The discovery task ended: a shutdown, or the process ends for it anyway.
+                if changed.is_err() {
+                    return Ok(());
+                }
                 Event::Local
             }
             m = recv(current_stream) => Event::Message(current.unwrap_or_default(), m),
             m = recv(pending_stream) => Event::Message(pending.unwrap_or_default(), m),
             () = tokio::time::sleep_until(deadline) => Event::Tick,
-            () = shutdown.requested() => return Ok(()),
         };
         let now = std::time::Instant::now();
         let actions = match event {

@@ -82,6 +82,8 @@ impl Election {
         shutdown: &mut Shutdown,
     ) -> bool {
         let mut renewed = Instant::now();
+        // Paces the retries of a renewal that failed (the TTL has not run out yet).
+        let mut retry = Backoff::new(Duration::from_millis(200), self.ttl / 3);
         // A blocking read never outlives a renewal.
         let mut lock = KvWatcher::key(
             self.client.clone(),
@@ -147,7 +149,10 @@ impl Election {
             }
             if Instant::now() >= renew_at {
                 match self.client.session_renew(session).await {
-                    Ok(true) => renewed = Instant::now(),
+                    Ok(true) => {
+                        renewed = Instant::now();
+                        retry.reset();
+                    }
                     Ok(false) => {
                         warn!("the Consul session was invalidated; starting a new one");
                         set(leader, false, &self.id);
@@ -157,9 +162,15 @@ impl Election {
                         warn!(error = %e, "cannot renew the Consul session");
                         self.component
                             .degraded(format!("cannot renew the Consul session: {e}"));
-                        if renewed.elapsed() >= self.ttl {
+                        let left = self.ttl.saturating_sub(renewed.elapsed());
+                        if left.is_zero() {
                             set(leader, false, &self.id);
                             return false;
+                        }
+                        // The renewal is overdue: try again soon, but not in a hot loop.
+                        tokio::select! {
+                            () = tokio::time::sleep(retry.next_delay().min(left)) => {}
+                            () = shutdown.requested() => return true,
                         }
                     }
                 }
@@ -182,7 +193,6 @@ fn set(leader: &watch::Sender<bool>, value: bool, id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmesh_consul::{ConsulConfig, ConsulEnv};
     use vmesh_runtime::Supervisor;
     use vmesh_testkit::consul::{ConsulEmulator, ConsulOptions};
 
@@ -197,14 +207,7 @@ mod tests {
     }
 
     fn client(consul: &ConsulEmulator) -> Client {
-        Client::new(
-            &ConsulConfig::from_env(ConsulEnv {
-                http_addr: Some(consul.url()),
-                ..Default::default()
-            })
-            .unwrap(),
-        )
-        .unwrap()
+        Client::at(&consul.url()).unwrap()
     }
 
     /// One replica campaigning: its leadership, its session, and the supervisor that stops it.

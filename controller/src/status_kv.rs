@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{debug, warn};
-use vmesh_consul::{Client, ConsulError, KvWatcher, WatchConfig, WriteOptions};
+use vmesh_consul::{Client, ConsulError, Indexed, KvWatcher, WatchConfig, WriteOptions};
 use vmesh_layout::{Layout, ReplicaReport};
 use vmesh_retry::Backoff;
 use vmesh_runtime::{Component, Shutdown};
@@ -142,10 +142,12 @@ impl StatusSync {
     }
 
     async fn load(&self) -> Result<Written, ConsulError> {
-        let answer = self
-            .client
-            .kv_list(&self.layout.status_prefix(), None, Duration::ZERO)
-            .await?;
+        let answer = complete(
+            self.client
+                .kv_list(&self.layout.status_prefix(), None, Duration::ZERO)
+                .await?,
+            &self.layout.status_prefix(),
+        )?;
         Ok(answer
             .value
             .into_iter()
@@ -153,6 +155,20 @@ impl StatusSync {
             .map(|e| (e.key, (e.modify_index, e.value)))
             .collect())
     }
+}
+
+/// An answer Consul filtered by ACLs would make keys look absent (CAS writes would conflict on
+/// every round, replicas' proxies would go uncounted): it is an error naming the permission.
+fn complete<T>(answer: Indexed<T>, prefix: &str) -> Result<Indexed<T>, ConsulError> {
+    if answer.filtered_by_acls {
+        return Err(ConsulError::Status {
+            status: 403,
+            message: format!(
+                "the ACL token may not read every key under {prefix} (Consul filtered the answer); it needs key_prefix \"{prefix}\" read"
+            ),
+        });
+    }
+    Ok(answer)
 }
 
 pub struct StatusWriter {
@@ -183,7 +199,8 @@ impl StatusWriter {
         );
         let mut sync = StatusSync::new(self.client.clone(), self.layout.clone());
         let mut reported: Option<(String, Vec<u8>)> = None;
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        // Short: status should be current again soon after Consul is.
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         self.component.ready();
         loop {
             match self.round(&mut sync, &mut reported).await {
@@ -204,14 +221,17 @@ impl StatusWriter {
                     }
                 }
             }
+            // A closed channel means its sender's task ended: stop (when that was not a
+            // shutdown, the supervisor ends the process for that task anyway).
             tokio::select! {
-                r = self.published.changed() => r?,
-                r = acks_changed.changed() => r?,
-                r = self.leader.changed() => r?,
-                r = self.session.changed() => r?,
+                biased;
+                () = shutdown.requested() => return Ok(()),
+                r = self.published.changed() => if r.is_err() { return Ok(()) },
+                r = acks_changed.changed() => if r.is_err() { return Ok(()) },
+                r = self.leader.changed() => if r.is_err() { return Ok(()) },
+                r = self.session.changed() => if r.is_err() { return Ok(()) },
                 // Errors of this watch back off inside it; either way, look again.
                 _ = reports.changed() => {}
-                () = shutdown.requested() => return Ok(()),
             }
             tokio::select! {
                 _ = tokio::time::sleep(SETTLE) => {}
@@ -290,10 +310,12 @@ impl StatusWriter {
 
     /// Every live replica's report, by replica id.
     async fn read_reports(&self) -> Result<BTreeMap<String, ReplicaReport>, ConsulError> {
-        let answer = self
-            .client
-            .kv_list(&self.layout.replicas_prefix(), None, Duration::ZERO)
-            .await?;
+        let answer = complete(
+            self.client
+                .kv_list(&self.layout.replicas_prefix(), None, Duration::ZERO)
+                .await?,
+            &self.layout.replicas_prefix(),
+        )?;
         let mut reports = BTreeMap::new();
         for entry in answer.value {
             // A report no session holds belongs to a replica that is gone.
@@ -317,18 +339,10 @@ impl StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmesh_consul::{ConsulConfig, ConsulEnv};
     use vmesh_testkit::consul::ConsulEmulator;
 
     fn client(consul: &ConsulEmulator) -> Client {
-        Client::new(
-            &ConsulConfig::from_env(ConsulEnv {
-                http_addr: Some(consul.url()),
-                ..Default::default()
-            })
-            .unwrap(),
-        )
-        .unwrap()
+        Client::at(&consul.url()).unwrap()
     }
 
     fn desired(entries: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 use vmesh_proto::v1::{AgentMessage, ControllerMessage};
 use vmesh_relay::hub::StreamId;
-use vmesh_relay::{AgentSummary, DiscoveryRecord, HubState, Observation, Refusal};
+use vmesh_relay::{AgentSummary, DiscoveryRecord, HubState, Observation, Refusal, RefusalKind};
 use vmesh_runtime::{Component, Shutdown};
 use vmesh_tls::{DenyList, SpiffeId};
 
@@ -113,8 +113,26 @@ impl Hub {
         self.metrics
             .relay_agents_known
             .set(inner.state.known() as i64);
+        for stream in inner.state.take_forgotten_streams() {
+            // Dropping its cancel sender ends the stream ("closed by the controller").
+            inner.cancels.remove(&stream);
+        }
         if inner.state.has_records() {
             self.records.notify_one();
+        }
+    }
+
+    /// Ends every agent's stream: the controller is stopping (the agents reconnect, to another
+    /// replica or to this one restarted), so the relay server can drain.
+    fn close_all(&self) {
+        let mut inner = self.lock();
+        let stopping = Refusal::new(
+            RefusalKind::Unavailable,
+            "stopping",
+            "the controller is stopping",
+        );
+        for (_, cancel) in inner.cancels.drain() {
+            let _ = cancel.send(Some(stopping.clone()));
         }
     }
 
@@ -216,8 +234,23 @@ impl Hub {
     }
 
     /// Publishes the catalog to the index whenever it changed, and ends grace periods and the
-    /// warm-up on time. `component` is ready once the first catalog is out.
+    /// warm-up on time. `component` is ready once the first catalog is out. On shutdown it ends
+    /// every agent's stream.
     pub async fn publish(
+        self: Arc<Self>,
+        events: mpsc::Sender<SourceEvent>,
+        component: Component,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let result = self
+            .clone()
+            .publish_until(events, component, shutdown)
+            .await;
+        self.close_all();
+        result
+    }
+
+    async fn publish_until(
         self: Arc<Self>,
         events: mpsc::Sender<SourceEvent>,
         component: Component,

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
@@ -141,7 +141,7 @@ impl Relay {
         );
         let config = tls::server_config(server_cert.clone(), &ca.trust_bundle_pem())?;
 
-        let state = HubState::new(&replica.id, settings.grace, settings.warmup, Instant::now());
+        let state = HubState::new(&replica.id, settings.grace, settings.warmup);
         let hub = Arc::new(Hub::new(state, metrics.clone()));
         match tokio::time::timeout(STARTUP_READ, registry.deny()).await {
             Ok(Ok(deny)) => hub.set_deny(deny),

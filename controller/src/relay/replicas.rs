@@ -91,12 +91,16 @@ pub async fn write_records(
             }
         }
         tokio::select! {
+            biased;
+            () = shutdown.requested() => return Ok(()),
             () = hub.records_changed() => {}
             changed = session.changed() => {
-                changed?;
+                // The election ended (a shutdown, or the process ends for it anyway).
+                if changed.is_err() {
+                    return Ok(());
+                }
                 hub.rewrite_records();
             }
-            () = shutdown.requested() => return Ok(()),
         }
     }
 }

@@ -24,6 +24,8 @@ pub async fn watch(
         WatchConfig::default(),
     );
     let mut revocations: BTreeMap<String, Revocation> = BTreeMap::new();
+    // Keys whose record does not decode now, with why.
+    let mut corrupt: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let changed = tokio::select! {
             r = watcher.changed() => r,
@@ -43,26 +45,27 @@ pub async fn watch(
             info!("reading revoked agents again");
         }
         // A record that does not decode never shortens the list: what it said before (if it
-        // decoded once) stays in force, and the key at fault is named.
-        let mut corrupt = None;
+        // decoded once) stays in force, and the key at fault is named until it is fixed.
         for event in changes.events {
             match event {
                 WatchEvent::Delete(key) => {
                     revocations.remove(&key);
+                    corrupt.remove(&key);
                 }
                 WatchEvent::Upsert(entry) if entry.key.ends_with('/') => {}
                 WatchEvent::Upsert(entry) => match registry.decode_revocation(&entry) {
                     Ok(r) => {
+                        corrupt.remove(&entry.key);
                         revocations.insert(entry.key, r);
                     }
                     Err(e) => {
                         warn!(error = %e, "a revocation record does not decode; what it said before stays in force");
-                        corrupt = Some(e);
+                        corrupt.insert(entry.key, e.to_string());
                     }
                 },
             }
         }
-        match corrupt {
+        match corrupt.values().next() {
             Some(e) => component.degraded(format!("revoked agents: {e}")),
             None => component.ready(),
         }

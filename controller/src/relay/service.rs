@@ -76,10 +76,13 @@ impl Peer {
 }
 
 impl RelayState {
-    /// Logs, counts and answers a refusal.
+    /// Logs, counts and answers a refusal. The controller's own trouble (Consul unreachable) is
+    /// no refusal of the caller: it was logged where it happened and is not counted.
     fn refuse(&self, peer: &Peer, refusal: Refusal) -> Status {
-        self.metrics.refused(refusal.reason);
-        warn!(peer = %peer.describe(), reason = refusal.reason, error = %refusal.message, "relay call refused");
+        if refusal.kind != RefusalKind::Unavailable {
+            self.metrics.refused(refusal.reason);
+            warn!(peer = %peer.describe(), reason = refusal.reason, error = %refusal.message, "relay call refused");
+        }
         to_status(&refusal)
     }
 }

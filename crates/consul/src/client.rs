@@ -127,6 +127,14 @@ impl Client {
         })
     }
 
+    /// A client of the Consul at `address` with no token and default TLS (tests, tools).
+    pub fn at(address: &str) -> Result<Self, ConsulError> {
+        Self::new(&ConsulConfig {
+            address: address.to_string(),
+            ..ConsulConfig::default()
+        })
+    }
+
     pub fn address(&self) -> &str {
         &self.base
     }

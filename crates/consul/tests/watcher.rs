@@ -3,22 +3,17 @@
 
 use std::time::Duration;
 
-use vmesh_consul::{
-    Client, ConsulConfig, ConsulEnv, KvWatcher, WatchConfig, WatchError, WatchEvent,
-};
+use vmesh_consul::{Client, ConsulConfig, KvWatcher, WatchConfig, WatchError, WatchEvent};
 use vmesh_testkit::consul::{
     AclConfig, AclRules, AclToken, ConsulEmulator, ConsulOptions, KeyPolicy,
 };
 
 fn client(consul: &ConsulEmulator, token: Option<&str>) -> Client {
-    Client::new(
-        &ConsulConfig::from_env(ConsulEnv {
-            http_addr: Some(consul.url()),
-            http_token: token.map(str::to_owned),
-            ..Default::default()
-        })
-        .unwrap(),
-    )
+    Client::new(&ConsulConfig {
+        address: consul.url(),
+        token: token.map(str::to_owned),
+        ..ConsulConfig::default()
+    })
     .unwrap()
 }
 

@@ -87,7 +87,10 @@ struct Agent {
 
 #[derive(Debug)]
 struct Warmup {
-    until: Instant,
+    length: Duration,
+    /// When it ends: set by the first [`HubState::poll`], i.e. once the relay serves, not while
+    /// the start-up reads ran.
+    until: Option<Instant>,
     /// The agents still expected; `None` until the list of registered agents is known (then the
     /// whole warm-up is waited).
     awaiting: Option<BTreeSet<SpiffeId>>,
@@ -126,12 +129,15 @@ pub struct HubState {
     /// The catalog may have changed since the last poll.
     catalog_dirty: bool,
     observations: Vec<Observation>,
+    /// Streams of agents the hub forgot (their grace period ended while an older, replaced
+    /// stream was still open): to be closed.
+    forgotten_streams: Vec<StreamId>,
 }
 
 impl HubState {
-    /// The hub of replica `replica` (its `--id`), started at `now`: the first catalog waits at
-    /// most until `now + warmup`.
-    pub fn new(replica: &str, grace: Duration, warmup: Duration, now: Instant) -> Self {
+    /// The hub of replica `replica` (its `--id`): the first catalog waits at most `warmup` from
+    /// the first [`poll`](Self::poll).
+    pub fn new(replica: &str, grace: Duration, warmup: Duration) -> Self {
         HubState {
             replica: replica.to_owned(),
             merger: DiscoveryMerger::new(grace),
@@ -139,14 +145,21 @@ impl HubState {
             deny: DenyList::new(),
             next_stream: 0,
             warmup: Some(Warmup {
-                until: now + warmup,
+                length: warmup,
+                until: None,
                 awaiting: None,
             }),
             remote: RemoteView::new(replica, grace),
             records_dirty: BTreeSet::new(),
             catalog_dirty: true,
             observations: Vec::new(),
+            forgotten_streams: Vec::new(),
         }
+    }
+
+    /// Streams of agents the hub no longer knows, to close (none of them speaks for its agent).
+    pub fn take_forgotten_streams(&mut self) -> Vec<StreamId> {
+        std::mem::take(&mut self.forgotten_streams)
     }
 
     /// What the hub noticed since the last call.
@@ -309,6 +322,10 @@ impl HubState {
         }
         for id in cut_agents {
             if let Some(agent) = self.agents.remove(&id) {
+                // Every stream of a revoked agent ends, whichever certificate it came with.
+                for stream in agent.streams.keys() {
+                    cut_streams.push((*stream, Refusal::revoked_while_connected(&id)));
+                }
                 self.merger.revoke(&agent.identity);
                 self.records_dirty.insert(id.clone());
                 self.observations
@@ -343,10 +360,12 @@ impl HubState {
             self.observations.push(Observation::GraceEnded);
             let merger = &self.merger;
             let dirty = &mut self.records_dirty;
+            let forgotten = &mut self.forgotten_streams;
             self.agents.retain(|id, a| {
                 let keep = a.current.is_some() || merger.contains(&a.identity);
                 if !keep {
                     dirty.insert(id.clone());
+                    forgotten.extend(a.streams.keys());
                 }
                 keep
             });
@@ -356,14 +375,15 @@ impl HubState {
             self.observations.push(Observation::RemoteGraceEnded);
             self.catalog_dirty = true;
         }
-        if let Some(warmup) = &self.warmup {
+        if let Some(warmup) = &mut self.warmup {
+            let until = *warmup.until.get_or_insert(now + warmup.length);
             let waiting = warmup.awaiting.as_ref().is_none_or(|a| !a.is_empty());
-            if waiting && now < warmup.until {
+            if waiting && now < until {
                 return Poll {
                     catalog: None,
                     next_wake: self
                         .next_expiry()
-                        .map_or(Some(warmup.until), |t| Some(t.min(warmup.until))),
+                        .map_or(Some(until), |t| Some(t.min(until))),
                 };
             }
             if let Some(missing) = warmup.awaiting.as_ref().filter(|a| !a.is_empty()) {
@@ -538,7 +558,7 @@ mod tests {
 
     /// A hub past its warm-up (no agents were registered before the start).
     fn warm_hub(t0: Instant) -> HubState {
-        let mut hub = HubState::new("r1", GRACE, WARMUP, t0);
+        let mut hub = HubState::new("r1", GRACE, WARMUP);
         hub.await_agents([]);
         assert!(hub.poll(t0).catalog.is_some(), "the first catalog, empty");
         hub
@@ -663,8 +683,9 @@ mod tests {
     #[test]
     fn the_first_catalog_waits_for_the_registered_agents() {
         let t0 = Instant::now();
-        let mut hub = HubState::new("r1", GRACE, WARMUP, t0);
-        // Until the list of registered agents is read, the whole warm-up is waited.
+        let mut hub = HubState::new("r1", GRACE, WARMUP);
+        // Until the list of registered agents is read, the whole warm-up is waited; it runs from
+        // the first poll (the relay serving), not from when the hub was made.
         assert!(hub.poll(t0).catalog.is_none());
         hub.await_agents([id("vm-1"), id("vm-2")]);
         report(&mut hub, "vm-1", 1);
@@ -681,8 +702,9 @@ mod tests {
     #[test]
     fn the_warm_up_ends_at_its_deadline_and_says_who_was_missing() {
         let t0 = Instant::now();
-        let mut hub = HubState::new("r1", GRACE, WARMUP, t0);
+        let mut hub = HubState::new("r1", GRACE, WARMUP);
         hub.await_agents([id("vm-1"), id("vm-2")]);
+        assert!(hub.poll(t0).catalog.is_none(), "the warm-up starts");
         report(&mut hub, "vm-1", 1);
         assert!(hub
             .poll(t0 + WARMUP - Duration::from_millis(1))
@@ -699,7 +721,7 @@ mod tests {
     #[test]
     fn agents_streaming_to_another_replica_or_revoked_are_not_waited_for() {
         let t0 = Instant::now();
-        let mut hub = HubState::new("r1", GRACE, WARMUP, t0);
+        let mut hub = HubState::new("r1", GRACE, WARMUP);
         hub.set_remote(vec![remote_record("vm-2", "r2", 2, None)], t0, wall());
         let mut deny = DenyList::new();
         deny.deny_id(id("vm-3"));
@@ -777,6 +799,27 @@ mod tests {
         );
         assert_eq!(seen[1], Observation::ResyncRequested { agent: id("vm-1") });
         assert!(web(&hub.poll(t0).catalog.unwrap()).is_empty());
+    }
+
+    #[test]
+    fn streams_of_a_forgotten_or_revoked_agent_are_closed() {
+        let t0 = Instant::now();
+        let mut hub = warm_hub(t0);
+        // An old stream lingers after a newer one replaced it; the newer one ends.
+        let old = report(&mut hub, "vm-1", 1);
+        let new = report(&mut hub, "vm-1", 1);
+        hub.detach(&id("vm-1"), new, t0);
+        hub.poll(t0 + GRACE);
+        assert_eq!(hub.take_forgotten_streams(), [old], "closed with its agent");
+        // A revoked agent: all its streams are cut, whatever certificate opened them.
+        let a = hub.attach(&id("vm-2"), "01", ip(2), wall()).unwrap();
+        let b = hub.attach(&id("vm-2"), "02", ip(2), wall()).unwrap();
+        let mut deny = DenyList::new();
+        deny.deny_id(id("vm-2"));
+        let mut cut: Vec<StreamId> = hub.set_deny(deny, t0).into_iter().map(|(s, _)| s).collect();
+        cut.sort_unstable();
+        cut.dedup();
+        assert_eq!(cut, [a, b]);
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! - [`refusal`]: the relay's own error type ([`Refusal`]), turned into a gRPC status only at the
 //!   edge.
 //!
+//! The controller's side (hub, merger, replicas) is behind the default `controller` feature;
+//! `vmesh-agent` builds without it.
+//!
 //! Nothing here reads a clock, opens a socket or spawns a task: the controller's and the agent's
 //! async tasks feed events and the time in and carry the effects out. Each machine is tested with
 //! synchronous unit tests.
@@ -20,15 +23,21 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod discovery;
+#[cfg(feature = "controller")]
 pub mod hub;
+#[cfg(feature = "controller")]
 pub mod merger;
 pub mod refusal;
+#[cfg(feature = "controller")]
 pub mod replicas;
 pub mod session;
 
 pub use discovery::{AgentDiscovery, ControllerDiscovery};
+#[cfg(feature = "controller")]
 pub use hub::{AgentSummary, HubState, Observation, Poll};
+#[cfg(feature = "controller")]
 pub use merger::{AgentIdentity, DiscoveryMerger, Refusal as InstanceRefusal};
 pub use refusal::{Refusal, RefusalKind};
+#[cfg(feature = "controller")]
 pub use replicas::{DiscoveryRecord, RemoteView, SharedInstance};
 pub use session::{Action, Credential, Ended, Note, ProxyConfigs, Session};

@@ -197,11 +197,12 @@ pub struct Session {
     has_token: bool,
     /// The stream discovery goes on, and the certificate it was opened with.
     current: Option<(StreamId, String)>,
-    /// A stream opened with a renewed certificate and the seq of its snapshot: it replaces
-    /// `current` once the controller acknowledged that snapshot.
-    pending: Option<(StreamId, u64)>,
-    /// A stream being opened, and whether it is the renewed one.
-    opening: Option<(StreamId, bool)>,
+    /// A stream opened with a renewed certificate, the seq of its snapshot and the certificate:
+    /// it replaces `current` once the controller acknowledged that snapshot.
+    pending: Option<(StreamId, u64, String)>,
+    /// A stream being opened, whether it is the renewed one, and the certificate it is opened
+    /// with.
+    opening: Option<(StreamId, bool, String)>,
     next_stream: StreamId,
     connect_backoff: Backoff,
     renew_backoff: Backoff,
@@ -276,7 +277,7 @@ impl Session {
 
     /// The renewed stream waiting to be acknowledged.
     pub fn pending(&self) -> Option<StreamId> {
-        self.pending.map(|(id, _)| id)
+        self.pending.as_ref().map(|(id, _, _)| *id)
     }
 
     /// When [`Session::on_tick`] has something to do.
@@ -302,7 +303,7 @@ impl Session {
         let Some(message) = self.discovery.on_local(instances) else {
             return Vec::new();
         };
-        match self.pending.map(|(id, _)| id).or(self.current()) {
+        match self.pending().or(self.current()) {
             Some(id) => vec![Action::Send {
                 id,
                 messages: vec![message],
@@ -343,7 +344,7 @@ impl Session {
     fn open(&mut self, renewed: bool) -> Action {
         self.next_stream += 1;
         let id = self.next_stream;
-        self.opening = Some((id, renewed));
+        self.opening = Some((id, renewed, self.credential.id.clone()));
         let messages = self.discovery.on_connect(self.configs.versions());
         Action::Open { id, messages }
     }
@@ -355,35 +356,26 @@ impl Session {
         result: Result<(), Ended>,
         now: Instant,
     ) -> Vec<Action> {
-        let Some((opening, renewed)) = self.opening.take().filter(|(o, _)| *o == id) else {
+        let Some((opening, renewed, credential)) = self.opening.take().filter(|(o, _, _)| *o == id)
+        else {
             return Vec::new();
         };
         match (result, renewed) {
             (Ok(()), false) => {
-                self.current = Some((opening, self.credential.id.clone()));
+                self.current = Some((opening, credential));
                 self.notes.push(Note::Connected);
                 Vec::new()
             }
             (Ok(()), true) => {
-                self.pending = Some((opening, self.discovery.last_sent_seq()));
+                self.pending = Some((opening, self.discovery.last_sent_seq(), credential));
                 self.notes.push(Note::SwitchOpened);
                 Vec::new()
             }
             (Err(ended), false) => {
-                self.discovery.on_disconnect();
-                let retry_in = self.retry_delay(&ended);
-                if ended.revoked {
-                    self.notes.push(Note::Revoked {
-                        reason: ended.reason,
-                        retry_in,
-                    });
-                } else {
-                    self.notes.push(Note::ConnectFailed {
-                        reason: ended.reason,
-                        retry_in,
-                    });
-                }
-                self.next_connect = now + retry_in;
+                self.lost(ended, now, |reason, retry_in| Note::ConnectFailed {
+                    reason,
+                    retry_in,
+                });
                 Vec::new()
             }
             (Err(ended), true) => {
@@ -436,14 +428,21 @@ impl Session {
                 messages: replies,
             });
         }
-        if let Some((pending, seq)) = self.pending {
-            if self.discovery.last_acked_seq() >= seq {
-                self.pending = None;
-                let credential = self.credential.id.clone();
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|(_, seq, _)| self.discovery.last_acked_seq() >= *seq)
+        {
+            if let Some((pending, _, credential)) = self.pending.take() {
+                let outdated = credential != self.credential.id;
                 if let Some((old, _)) = self.current.replace((pending, credential)) {
                     actions.push(Action::Close { id: old });
                 }
                 self.notes.push(Note::Switched);
+                // Renewed again while this switch was under way: switch once more.
+                if outdated && self.opening.is_none() {
+                    actions.push(self.open(true));
+                }
             }
         }
         actions
@@ -462,28 +461,34 @@ impl Session {
             return Vec::new();
         }
         self.current = None;
-        if let Some((pending, _)) = self.pending.take() {
+        if let Some((pending, _, credential)) = self.pending.take() {
             self.notes.push(Note::OldStreamEnded {
                 reason: ended.reason,
             });
-            self.current = Some((pending, self.credential.id.clone()));
+            self.current = Some((pending, credential));
             return Vec::new();
         }
+        self.lost(ended, now, |reason, retry_in| Note::Disconnected {
+            reason,
+            retry_in,
+        });
+        Vec::new()
+    }
+
+    /// No stream any more (one ended, or none could be opened): reconnect after a backoff (at
+    /// its cap when revoked), saying why with `note` (or as revoked).
+    fn lost(&mut self, ended: Ended, now: Instant, note: impl FnOnce(String, Duration) -> Note) {
         self.discovery.on_disconnect();
         let retry_in = self.retry_delay(&ended);
-        if ended.revoked {
-            self.notes.push(Note::Revoked {
+        self.notes.push(if ended.revoked {
+            Note::Revoked {
                 reason: ended.reason,
                 retry_in,
-            });
+            }
         } else {
-            self.notes.push(Note::Disconnected {
-                reason: ended.reason,
-                retry_in,
-            });
-        }
+            note(ended.reason, retry_in)
+        });
         self.next_connect = now + retry_in;
-        Vec::new()
     }
 
     /// A renewed stream failed after it sent its snapshot: what it carried may never have reached
@@ -847,6 +852,34 @@ mod tests {
         );
         s.on_opened(3, Ok(()), retry);
         assert_eq!(s.on_message(3, &ack(4)), [Action::Close { id: 1 }]);
+    }
+
+    #[test]
+    fn a_renewal_during_a_switch_switches_again_to_the_newest_certificate() {
+        let t0 = Instant::now();
+        let mut s = connected(t0);
+        let (t, w) = (t0 + 50 * SECOND, wall0() + 50 * SECOND);
+        s.on_tick(t, w);
+        s.on_renewed(Ok(cert("c2", 50)), t, w);
+        s.on_opened(2, Ok(()), t);
+        // A second renewal completes before the controller acknowledged stream 2 (c2).
+        assert_eq!(
+            s.on_renewed(Ok(cert("c3", 60)), t, w),
+            [],
+            "one switch at a time"
+        );
+        // Stream 2 is acknowledged: it takes over, and a stream with c3 opens at once.
+        let actions = s.on_message(2, &ack(2));
+        assert!(
+            matches!(
+                actions.as_slice(),
+                [Action::Close { id: 1 }, Action::Open { id: 3, .. }]
+            ),
+            "{actions:?}"
+        );
+        s.on_opened(3, Ok(()), t);
+        assert_eq!(s.on_message(3, &ack(3)), [Action::Close { id: 2 }]);
+        assert_eq!(s.current(), Some(3));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! that run, but not of other packages': a controller test that starts `vmesh-agent` by path would
 //! run whatever was built last, perhaps from older sources. [`workspace_binary`] never hands out
 //! such a binary. It checks the binary against every source file it was built from (Cargo's
-//! dep-info file beside it) and the lock file; when the binary is missing or any of them is
-//! newer, it runs `cargo build` for it first (once per process), saying so on stderr.
+//! dep-info file beside it); when the binary is missing or any of them is newer, it runs
+//! `cargo build` for it first (once per process), saying so on stderr.
 //!
 //! When the whole workspace is tested (`scripts/test`), every binary is already fresh and
 //! nothing is built.
@@ -28,10 +28,11 @@ pub fn current_profile() -> &'static str {
     }
 }
 
-/// Cargo's target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root, where cargo
+/// is run), else `<workspace>/target`.
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
+        Some(d) => workspace_root().join(d),
         None => workspace_root().join("target"),
     }
 }
@@ -92,9 +93,10 @@ fn stale(path: &Path) -> Option<String> {
     let Ok(text) = std::fs::read_to_string(&dep_info) else {
         return Some(format!("{} does not exist", dep_info.display()));
     };
-    let lock = workspace_root().join("Cargo.lock");
-    std::iter::once(lock)
-        .chain(dep_info_sources(&text))
+    // The dep-info lists every source file the binary was built from, the dependencies' too
+    // (a changed lock file that changes a dependency changes the files listed).
+    dep_info_sources(&text)
+        .into_iter()
         .find(|source| newer(source, built))
         .map(|source| format!("{} changed since it was built", source.display()))
 }
@@ -169,7 +171,7 @@ mod tests {
             format!("{}: {}\n", bin.display(), source.display()),
         )
         .unwrap();
-        // Built after its source (and after the lock file): fresh.
+        // Built after its source: fresh.
         let later = SystemTime::now() + std::time::Duration::from_secs(3600);
         std::fs::File::options()
             .write(true)

@@ -64,6 +64,27 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// Waits for `child` to exit on its own; panics after `timeout` with the tail of its log.
+#[track_caller]
+fn wait_exit(mut child: Child, timeout: Duration, what: &str, log: &Path) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!(
+                "{what} did not exit within {timeout:?}; log:\n{}",
+                tail(&log, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// How to start a controller.
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
@@ -159,7 +180,16 @@ impl ControllerProcess {
             .open(&self.log)
             .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
         let err = log.try_clone().expect("log file handle");
-        let child = Command::new(&self.opts.binary)
+        let mut command = Command::new(&self.opts.binary);
+        // Nothing from the developer's environment chooses its source, token or flags.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("VMESH_") || key.starts_with("CONSUL_") || key.starts_with("VAULT_")
+            {
+                command.env_remove(key.as_ref());
+            }
+        }
+        let child = command
             .args(["--xds-addr", &format!("127.0.0.1:{}", self.xds_port)])
             .args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--log", &self.opts.log])
@@ -233,20 +263,8 @@ impl ControllerProcess {
     /// Waits for the process to exit on its own; panics after `timeout`.
     #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.try_exit() {
-                self.child = None;
-                return status;
-            }
-            if t0.elapsed() > timeout {
-                panic!(
-                    "the controller did not exit within {timeout:?}; log:\n{}",
-                    tail(&self.log(), 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take().expect("the controller is not running");
+        wait_exit(child, timeout, "the controller", &self.log)
     }
 
     /// SIGKILL, as a crash or a lost machine would.
@@ -257,13 +275,20 @@ impl ControllerProcess {
         }
     }
 
-    /// SIGTERM (as Nomad stops a task), and waits for the process to exit.
+    /// SIGTERM (as Nomad stops a task), and waits for the process to exit (panics, after killing
+    /// it, if it has not within 30 s).
+    #[track_caller]
     pub fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
+        let child = self.child.take()?;
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        child.wait().ok()
+        Some(wait_exit(
+            child,
+            Duration::from_secs(30),
+            "the controller (after SIGTERM)",
+            &self.log,
+        ))
     }
 
     /// Kills the process and starts it again on the same ports and directory.
@@ -390,20 +415,13 @@ impl AgentProcess {
     /// Waits for the process to exit on its own; panics after `timeout`.
     #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.try_exit() {
-                return status;
-            }
-            if t0.elapsed() > timeout {
-                panic!(
-                    "vmesh-agent of {} did not exit within {timeout:?}; log:\n{}",
-                    self.name,
-                    tail(&self.log(), 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take().expect("the agent is not running");
+        wait_exit(
+            child,
+            timeout,
+            &format!("vmesh-agent of {}", self.name),
+            &self.log,
+        )
     }
 
     /// SIGKILL, as a crash or a VM power-off would.

@@ -228,19 +228,21 @@ impl FakeController {
                 .enable_all()
                 .build()
                 .expect("runtime");
+            // Stopping is not graceful (an agent still connected would hold it up): the
+            // server future and then the runtime, with every connection, are dropped.
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let served = Server::builder()
+                let serve = Server::builder()
                     .tls_config(tls)
                     .expect("TLS config")
                     .add_service(RegistrationServer::new(svc.clone()))
                     .add_service(RelayServer::new(svc))
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    eprintln!("the fake controller stopped: {e}");
+                    .serve_with_incoming(TcpListenerStream::new(listener));
+                tokio::select! {
+                    served = serve => if let Err(e) = served {
+                        eprintln!("the fake controller stopped: {e}");
+                    },
+                    _ = stopped => {}
                 }
             });
         });
