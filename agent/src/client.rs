@@ -371,12 +371,7 @@ impl Relay {
                             _ => StreamError::Status(status),
                         },
                         Ok(Ok(response)) => {
-                            let issued = response
-                                .into_inner()
-                                .certificate
-                                .ok_or_else(|| anyhow!("the controller sent no certificate"))?;
-                            let creds = credentials(issued, key, node)?;
-                            self.data.store_credentials(&creds)?;
+                            let creds = self.keep(response.into_inner().certificate, key, node)?;
                             info!(
                                 spiffe_id = %creds.identity.spiffe_id,
                                 not_after = %humantime::format_rfc3339_seconds(creds.not_after()),
@@ -487,10 +482,17 @@ impl Relay {
             .await
             .map_err(|_| anyhow!("no answer"))?
             .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?;
-        let issued = response
-            .into_inner()
-            .certificate
-            .ok_or_else(|| anyhow!("the controller sent no certificate"))?;
+        self.keep(response.into_inner().certificate, key, node)
+    }
+
+    /// The credentials of what Register or Renew returned, for `key`, stored in the data dir.
+    fn keep(
+        &self,
+        issued: Option<IssuedCertificate>,
+        key: PrivateKeyPem,
+        node: &NodeInfo,
+    ) -> anyhow::Result<Credentials> {
+        let issued = issued.ok_or_else(|| anyhow!("the controller sent no certificate"))?;
         let creds = credentials(issued, key, node)?;
         self.data.store_credentials(&creds)?;
         Ok(creds)

@@ -61,14 +61,15 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// After a change: log and count what the hub noticed, update the gauges, wake the record
-    /// writer and the publisher.
+    /// After a change: log and count what the hub noticed, wake the record writer and the
+    /// publisher (which updates the gauges).
     fn after(&self, inner: &mut Inner) {
         self.observe(inner);
         self.changed.notify_one();
     }
 
-    /// Logs and counts what the hub noticed, updates the gauges, wakes the record writer.
+    /// Logs and counts what the hub noticed, closes the streams of forgotten agents, wakes the
+    /// record writer.
     fn observe(&self, inner: &mut Inner) {
         for observation in inner.state.take_observations() {
             match observation {
@@ -107,12 +108,6 @@ impl Hub {
                 }
             }
         }
-        self.metrics
-            .relay_agents_connected
-            .set(inner.state.connected() as i64);
-        self.metrics
-            .relay_agents_known
-            .set(inner.state.known() as i64);
         for stream in inner.state.take_forgotten_streams() {
             // Dropping its cancel sender ends the stream ("closed by the controller").
             inner.cancels.remove(&stream);
@@ -120,6 +115,17 @@ impl Hub {
         if inner.state.has_records() {
             self.records.notify_one();
         }
+    }
+
+    /// Sets the agent gauges (counting takes a pass over every agent, so the publisher does it
+    /// once per wake-up, not every stream on every message).
+    fn gauges(&self, inner: &Inner) {
+        self.metrics
+            .relay_agents_connected
+            .set(inner.state.connected() as i64);
+        self.metrics
+            .relay_agents_known
+            .set(inner.state.known() as i64);
     }
 
     /// Ends every agent's stream: the controller is stopping (the agents reconnect, to another
@@ -263,6 +269,7 @@ impl Hub {
                 let mut inner = self.lock();
                 let poll = inner.state.poll(Instant::now());
                 self.observe(&mut inner);
+                self.gauges(&inner);
                 poll
             };
             if let Some(catalog) = poll.catalog {
