@@ -149,7 +149,11 @@ async fn status(State(s): State<AdminState>) -> Response {
             },
         },
         objects: object_statuses(&published, &acks, &s.nacks),
-        source_errors: published.source_errors.clone(),
+        source_errors: published
+            .source_errors
+            .iter()
+            .map(|(source, problems)| (source.clone(), vmesh_model::limits::shown(problems)))
+            .collect(),
         proxies,
     })
     .into_response()

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
-use vmesh_model::{Catalog, Config, ConfigSet, Problem, SourceMode};
+use vmesh_model::{Catalog, Config, ConfigSet, Problem};
 use vmesh_runtime::{Component, Shutdown};
 use vmesh_translate::Translation;
 use vmesh_xds::server::{Snapshots, SnapshotsRx};
@@ -74,17 +74,14 @@ impl IndexState {
     pub fn apply(&mut self, event: SourceEvent) {
         for change in event.changes {
             self.dirty |= match change {
-                Change::File { source, text } => {
-                    self.set.upsert_source(&source, &text, SourceMode::MultiDoc)
-                }
+                Change::File { source, parsed } => self.set.apply(&source, parsed),
                 Change::KvValue {
                     source,
-                    key,
-                    text,
+                    parsed,
                     revision,
                 } => {
                     self.revisions.insert(source.clone(), revision);
-                    self.set.upsert_keyed(&source, &key, &text)
+                    self.set.apply(&source, parsed)
                 }
                 Change::Reject {
                     source,
@@ -92,7 +89,10 @@ impl IndexState {
                     problem,
                     revision,
                 } => {
-                    self.revisions.insert(source.clone(), revision);
+                    match revision {
+                        Some(r) => self.revisions.insert(source.clone(), r),
+                        None => self.revisions.remove(&source),
+                    };
                     self.set.reject_source(&source, key.as_ref(), problem)
                 }
                 Change::Remove { source } => {
@@ -263,7 +263,7 @@ mod tests {
         SourceEvent {
             changes: vec![Change::File {
                 source: source.into(),
-                text: text.into(),
+                parsed: vmesh_model::ParsedSource::file(text),
             }],
         }
     }
@@ -358,8 +358,10 @@ mod tests {
         s.apply(SourceEvent {
             changes: vec![Change::KvValue {
                 source: "vmesh/config/Upstream/a".into(),
-                key: vmesh_model::ObjectKey::upstream("a"),
-                text: upstream("a", 8081),
+                parsed: vmesh_model::ParsedSource::keyed(
+                    &vmesh_model::ObjectKey::upstream("a"),
+                    &upstream("a", 8081),
+                ),
                 revision: 7,
             }],
         });

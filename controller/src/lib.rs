@@ -76,7 +76,7 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                 );
             }
             info!(dir = %dir.display(), "reading config from a directory");
-            let source = source::dir::DirSource::new(dir, args.debounce);
+            let source = source::dir::DirSource::new(dir, args.debounce, health.clone());
             tasks.spawn("source", source.run(events_tx));
         }
         SourceChoice::Consul => {

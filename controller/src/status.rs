@@ -220,8 +220,9 @@ pub fn object_statuses(
                 kind: key.kind.as_str().to_string(),
                 name: key.name.clone(),
                 state: report.state,
-                errors: report.errors.clone(),
-                warnings: report.warnings.clone(),
+                // Long lists are summarised: a status stays small enough for any KV value.
+                errors: vmesh_model::limits::shown(&report.errors),
+                warnings: vmesh_model::limits::shown(&report.warnings),
                 source: report.source.clone(),
                 version: report.version.clone(),
                 serving_last_good: report.serving_last_good,

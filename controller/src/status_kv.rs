@@ -43,6 +43,8 @@ pub struct Synced {
     pub removed: usize,
     /// Another writer changed a key first; it is learned again before the next sync.
     pub conflict: bool,
+    /// Keys Consul refused as too large (413): skipped, so they hold up no other key.
+    pub too_large: Vec<String>,
 }
 
 /// Keeps `<prefix>/status/` in line with the desired statuses.
@@ -90,6 +92,7 @@ impl StatusSync {
         };
         let mut wrote = Vec::new();
         let mut conflict = false;
+        let mut too_large = Vec::new();
         for (key, body) in &desired {
             let cas = match current.get(key) {
                 Some((_, old)) if old == body => continue,
@@ -100,10 +103,13 @@ impl StatusSync {
                 cas: Some(cas),
                 ..Default::default()
             };
-            if self.client.kv_put(key, body.clone(), &options).await? {
-                wrote.push(key);
-            } else {
-                conflict = true;
+            match self.client.kv_put(key, body.clone(), &options).await {
+                Ok(true) => wrote.push(key),
+                Ok(false) => conflict = true,
+                // One status too large for this Consul (its kv_max_value_size is below ours):
+                // the others are still written.
+                Err(ConsulError::Status { status: 413, .. }) => too_large.push(key.clone()),
+                Err(e) => return Err(e),
             }
         }
         let gone: Vec<(String, u64)> = current
@@ -124,6 +130,7 @@ impl StatusSync {
             written: wrote.len(),
             removed,
             conflict,
+            too_large,
         };
         if conflict {
             // Someone else wrote: learn everything again before the next CAS.
@@ -270,6 +277,12 @@ impl StatusWriter {
             desired.insert(self.layout.status_key(&key), body);
         }
         let synced = sync.sync(desired).await?;
+        if !synced.too_large.is_empty() {
+            warn!(
+                keys = ?synced.too_large,
+                "Consul refused these status values as too large; the other keys are written"
+            );
+        }
         if synced != Synced::default() {
             debug!(
                 wrote = synced.written,
@@ -416,5 +429,26 @@ mod tests {
         let done = sync.sync(desired(&[("Upstream/a", "2")])).await.unwrap();
         assert_eq!((done.written, done.removed, done.conflict), (1, 1, false));
         assert_eq!(consul.kv_get("vmesh/status/Upstream/a").unwrap(), b"2");
+    }
+
+    #[tokio::test]
+    async fn a_status_consul_refuses_as_too_large_holds_up_no_other_key() {
+        let consul = ConsulEmulator::start_with(vmesh_testkit::consul::ConsulOptions {
+            max_value_size: 1024,
+            ..Default::default()
+        });
+        let mut sync = StatusSync::new(client(&consul), Layout::default());
+        let big = "x".repeat(2048);
+        let done = sync
+            .sync(desired(&[
+                ("Upstream/a", "1"),
+                ("Upstream/big", &big),
+                ("Upstream/z", "1"),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(done.too_large, ["vmesh/status/Upstream/big"]);
+        assert_eq!(done.written, 2);
+        assert_eq!(consul.kv_get("vmesh/status/Upstream/z").unwrap(), b"1");
     }
 }

@@ -10,12 +10,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vmesh_consul::{Client, KvEntry, KvWatcher, WatchConfig, WatchEvent};
 use vmesh_layout::Layout;
-use vmesh_model::{Kind, Problem};
+use vmesh_model::{Kind, ParsedSource, Problem};
 
 use super::{Change, SourceEvent, SourceHealth};
-
-/// Consul's default value limit; a larger value (a Consul configured to allow it) is refused.
-pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 
 pub struct ConsulSource {
     pub client: Client,
@@ -39,11 +36,17 @@ impl ConsulSource {
                     if changes.recovered {
                         info!(changed = changes.events.len(), "Consul is reachable again");
                     }
-                    let changes = changes
-                        .events
-                        .into_iter()
-                        .filter_map(|e| to_change(&self.layout, e))
-                        .collect();
+                    // Parsing is CPU work (bounded per document): off the async workers, and
+                    // off the index's path.
+                    let layout = self.layout.clone();
+                    let changes = tokio::task::spawn_blocking(move || {
+                        changes
+                            .events
+                            .into_iter()
+                            .filter_map(|e| to_change(&layout, e))
+                            .collect()
+                    })
+                    .await?;
                     if out.send(SourceEvent { changes }).await.is_err() {
                         return Ok(());
                     }
@@ -88,36 +91,21 @@ fn upsert(layout: &Layout, entry: KvEntry) -> Change {
                     kinds.join(", ")
                 ),
             ),
-            revision,
+            revision: Some(revision),
         };
     };
-    if entry.value.len() > MAX_VALUE_BYTES {
-        return Change::Reject {
-            source,
-            key: Some(key),
-            problem: Problem::new(
-                "",
-                format!(
-                    "the value is {} KiB; the limit is {} KiB",
-                    entry.value.len() / 1024,
-                    MAX_VALUE_BYTES / 1024
-                ),
-            ),
-            revision,
-        };
-    }
-    match String::from_utf8(entry.value) {
+    // The same limits and words as a file of the config directory (vmesh_model::limits).
+    match vmesh_model::limits::document_text(entry.value) {
         Ok(text) => Change::KvValue {
             source,
-            key,
-            text,
+            parsed: ParsedSource::keyed(&key, &text),
             revision,
         },
-        Err(_) => Change::Reject {
+        Err(problem) => Change::Reject {
             source,
             key: Some(key),
-            problem: Problem::new("", "the value is not UTF-8 text (YAML or JSON expected)"),
-            revision,
+            problem,
+            revision: Some(revision),
         },
     }
 }
@@ -152,7 +140,10 @@ mod tests {
         assert!(matches!(
             upsert(
                 &l,
-                entry("vmesh/config/Upstream/a", &vec![b'x'; MAX_VALUE_BYTES + 1])
+                entry(
+                    "vmesh/config/Upstream/a",
+                    &vec![b'x'; vmesh_model::limits::MAX_DOCUMENT_BYTES + 1]
+                )
             ),
             Change::Reject { key: Some(_), .. }
         ));

@@ -9,16 +9,28 @@
 //! more often a checkout or a copy in progress than a wish to drop every
 //! route) and is picked up again when it comes back. A slow periodic rescan
 //! catches anything a watch missed.
+//!
+//! A directory that cannot be read (out of file descriptors, permissions) is
+//! never an empty one: the last config keeps being served and the source says
+//! it is degraded. A file over the document size limit or not UTF-8 text is
+//! rejected under its own name, in the same words as a Consul value
+//! (`vmesh_model::limits`); a file over the limit is not read at all.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, SourceEvent};
+use vmesh_model::{ParsedSource, Problem};
+
+use super::{Change, SourceEvent, SourceHealth};
+
+/// A file's content: its text, or why it has none usable.
+type Content = Result<String, Problem>;
 
 /// How often the directory is rescanned even without events.
 const RESCAN: Duration = Duration::from_secs(5);
@@ -29,11 +41,16 @@ const MAX_REREADS: u32 = 20;
 pub struct DirSource {
     dir: PathBuf,
     debounce: Duration,
+    health: Arc<SourceHealth>,
 }
 
 impl DirSource {
-    pub fn new(dir: PathBuf, debounce: Duration) -> Self {
-        DirSource { dir, debounce }
+    pub fn new(dir: PathBuf, debounce: Duration, health: Arc<SourceHealth>) -> Self {
+        DirSource {
+            dir,
+            debounce,
+            health,
+        }
     }
 
     /// Runs until `out` is closed.
@@ -60,7 +77,7 @@ impl DirSource {
             debug!(error = %e, parent = %parent.display(), "cannot watch the parent directory");
         }
         let mut watching = false;
-        let mut known: BTreeMap<String, String> = BTreeMap::new();
+        let mut known: BTreeMap<String, Content> = BTreeMap::new();
         let mut missing_reported = false;
         let mut first = true;
         let mut rereads = 0;
@@ -73,7 +90,9 @@ impl DirSource {
                     }
                 }
             }
-            let scanned = scan(&self.dir);
+            // Reading files and parsing them block: off the async workers.
+            let dir = self.dir.clone();
+            let scanned = tokio::task::spawn_blocking(move || scan(&dir)).await?;
             // A write that landed while we were reading may have torn the read (one file
             // old, another new): read again once things settle, a few times at most.
             if drain(&mut wake) && rereads < MAX_REREADS {
@@ -83,12 +102,29 @@ impl DirSource {
             }
             rereads = 0;
             match scanned {
-                Some(files) => {
+                Err(e) => {
+                    // Never read as "no files": that would remove every object.
+                    if self.health.degraded().is_none() {
+                        warn!(dir = %self.dir.display(), error = %e, "cannot read the config directory; serving the last config read");
+                    }
+                    self.health
+                        .failed(format!("cannot read {}: {e}", self.dir.display()));
+                }
+                Ok(Some(files)) => {
+                    if self.health.degraded().is_some() {
+                        info!(dir = %self.dir.display(), "the config directory can be read again");
+                    }
+                    self.health.ok();
                     if missing_reported {
                         info!(dir = %self.dir.display(), "config directory is back");
                         missing_reported = false;
                     }
-                    let changes = diff(&mut known, files);
+                    let (changes, now) = tokio::task::spawn_blocking(move || {
+                        let mut known = known;
+                        (diff(&mut known, files), known)
+                    })
+                    .await?;
+                    known = now;
                     if !changes.is_empty() || first {
                         debug!(changes = changes.len(), "config directory changed");
                         if out.send(SourceEvent { changes }).await.is_err() {
@@ -97,7 +133,7 @@ impl DirSource {
                     }
                     first = false;
                 }
-                None => {
+                Ok(None) => {
                     if watching {
                         let _ = watcher.unwatch(&self.dir);
                         watching = false;
@@ -146,25 +182,32 @@ fn drain(wake: &mut mpsc::UnboundedReceiver<()>) -> bool {
     any
 }
 
-/// Reads every config file under `dir`, by path relative to it. `None` if `dir` is not a directory.
-fn scan(dir: &Path) -> Option<BTreeMap<String, String>> {
+/// Reads every config file under `dir`, by path relative to it. `Ok(None)` if `dir` is not a
+/// directory; an error if anything under it cannot be read (a file that vanished meanwhile is
+/// simply not there).
+fn scan(dir: &Path) -> std::io::Result<Option<BTreeMap<String, Content>>> {
     if !dir.is_dir() {
-        return None;
+        return Ok(None);
     }
     let mut files = BTreeMap::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
+            Err(e) => return Err(e),
         };
-        for entry in entries.flatten() {
+        for entry in entries {
+            let entry = entry?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().to_string();
             if name.starts_with('.') {
                 continue; // hidden files, editors' swap and temporary files
             }
-            let Ok(kind) = entry.file_type() else {
-                continue;
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
             };
             if kind.is_dir() {
                 pending.push(path);
@@ -173,19 +216,37 @@ fn scan(dir: &Path) -> Option<BTreeMap<String, String>> {
             if !is_config_file(&name) {
                 continue;
             }
-            // A file that vanished between listing and reading is simply not there.
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
             let rel = path
                 .strip_prefix(dir)
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .to_string();
-            files.insert(rel, String::from_utf8_lossy(&bytes).into_owned());
+            let content = match read_file(&path) {
+                Ok(content) => content,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            files.insert(rel, content);
         }
     }
-    Some(files)
+    Ok(Some(files))
+}
+
+/// A config file's content: larger than the limit is refused without reading it.
+fn read_file(path: &Path) -> std::io::Result<Content> {
+    let size = std::fs::metadata(path)?.len();
+    let limit = vmesh_model::limits::MAX_DOCUMENT_BYTES;
+    if size > limit as u64 {
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        return Ok(Err(Problem::new("", vmesh_model::limits::too_large(size))));
+    }
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    // A file that grew since: read one byte more than the limit, to see it is over.
+    std::fs::File::open(path)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(vmesh_model::limits::document_text(bytes))
 }
 
 fn is_config_file(name: &str) -> bool {
@@ -195,15 +256,24 @@ fn is_config_file(name: &str) -> bool {
 }
 
 /// Changes from `known` to `now`; `known` becomes `now`.
-fn diff(known: &mut BTreeMap<String, String>, now: BTreeMap<String, String>) -> Vec<Change> {
+fn diff(known: &mut BTreeMap<String, Content>, now: BTreeMap<String, Content>) -> Vec<Change> {
     let mut changes = Vec::new();
-    for (path, text) in &now {
-        if known.get(path) != Some(text) {
-            changes.push(Change::File {
-                source: path.clone(),
-                text: text.clone(),
-            });
+    for (path, content) in &now {
+        if known.get(path) == Some(content) {
+            continue;
         }
+        changes.push(match content {
+            Ok(text) => Change::File {
+                source: path.clone(),
+                parsed: ParsedSource::file(text),
+            },
+            Err(problem) => Change::Reject {
+                source: path.clone(),
+                key: None,
+                problem: problem.clone(),
+                revision: None,
+            },
+        });
     }
     for path in known.keys() {
         if !now.contains_key(path) {
@@ -220,10 +290,10 @@ fn diff(known: &mut BTreeMap<String, String>, now: BTreeMap<String, String>) -> 
 mod tests {
     use super::*;
 
-    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Content> {
         pairs
             .iter()
-            .map(|(p, t)| (p.to_string(), t.to_string()))
+            .map(|(p, t)| (p.to_string(), Ok(t.to_string())))
             .collect()
     }
 
@@ -237,7 +307,7 @@ mod tests {
             c,
             vec![Change::File {
                 source: "b.yaml".into(),
-                text: "3".into()
+                parsed: ParsedSource::file("3")
             }]
         );
         let c = diff(&mut known, files(&[("b.yaml", "3")]));
@@ -259,9 +329,51 @@ mod tests {
         std::fs::write(dir.join("sub/b.json"), "y").unwrap();
         std::fs::write(dir.join(".a.yaml.swp"), "z").unwrap();
         std::fs::write(dir.join("README.md"), "z").unwrap();
-        let got = scan(&dir).unwrap();
+        let got = scan(&dir).unwrap().unwrap();
         assert_eq!(got.keys().collect::<Vec<_>>(), vec!["a.yaml", "sub/b.json"]);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(scan(&dir).is_none());
+        assert!(scan(&dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn files_over_the_limit_or_not_text_are_refused_in_the_words_of_every_source() {
+        let dir = std::env::temp_dir().join(format!("vmesh-scan-limits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let limit = vmesh_model::limits::MAX_DOCUMENT_BYTES;
+        std::fs::write(dir.join("big.yaml"), vec![b'#'; limit + 1]).unwrap();
+        std::fs::write(dir.join("junk.yaml"), [0xff, 0xfe, 0x00]).unwrap();
+        std::fs::write(dir.join("ok.yaml"), "a: 1\n").unwrap();
+        let got = scan(&dir).unwrap().unwrap();
+        assert_eq!(
+            got["big.yaml"].as_ref().unwrap_err().message,
+            "the document is 513 KiB; the limit is 512 KiB"
+        );
+        assert_eq!(
+            got["junk.yaml"].as_ref().unwrap_err().message,
+            vmesh_model::limits::NOT_TEXT
+        );
+        assert!(got["ok.yaml"].is_ok());
+        let changes = diff(&mut BTreeMap::new(), got);
+        assert!(matches!(
+            &changes[0],
+            Change::Reject { source, key: None, revision: None, .. } if source == "big.yaml"
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_an_error_not_a_missing_file() {
+        let dir =
+            std::env::temp_dir().join(format!("vmesh-scan-unreadable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").unwrap();
+        // A link to itself cannot be read (ELOOP), whoever runs the test: like running out of
+        // file descriptors, it must not read as "the file is gone".
+        std::os::unix::fs::symlink(dir.join("loop.yaml"), dir.join("loop.yaml")).unwrap();
+        let result = scan(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(result.is_err(), "{result:?}");
     }
 }

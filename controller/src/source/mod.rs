@@ -10,30 +10,32 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::time::SystemTime;
 
-use vmesh_model::{ObjectKey, Problem};
+use vmesh_model::{ObjectKey, ParsedSource, Problem};
 
 /// One change to one source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// A file was written: any number of documents.
+    /// A file was written: any number of documents, parsed by the source (off the index's
+    /// path, so a slow document delays only its own source).
     File {
         source: String,
-        text: String,
+        parsed: ParsedSource,
     },
-    /// A Consul KV value was written: exactly the object its key names.
+    /// A Consul KV value was written: exactly the object its key names, parsed by the source.
     KvValue {
         source: String,
-        key: ObjectKey,
-        text: String,
+        parsed: ParsedSource,
         /// The KV ModifyIndex this value was read at.
         revision: u64,
     },
-    /// A source that holds nothing usable, for a reason found before parsing.
+    /// A source that holds nothing usable, for a reason found before parsing (too large, not
+    /// text, a key that names no object).
     Reject {
         source: String,
         key: Option<ObjectKey>,
         problem: Problem,
-        revision: u64,
+        /// The KV ModifyIndex it was read at (Consul sources only).
+        revision: Option<u64>,
     },
     Remove {
         source: String,

@@ -18,7 +18,7 @@ use vmesh_model::{parse_single, parse_value, ObjectKey, Parsed, Problem};
 use crate::consul::{ConsulArgs, Failure, Kv, Layout};
 
 /// Consul's default value limit; the controller rejects larger values.
-pub const MAX_VALUE_BYTES: usize = 512 * 1024;
+pub const MAX_VALUE_BYTES: usize = vmesh_model::limits::MAX_DOCUMENT_BYTES;
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
@@ -91,6 +91,7 @@ pub fn load(
     stdin: &mut dyn Read,
 ) -> anyhow::Result<Result<Vec<Planned>, Vec<String>>> {
     let mut texts = Vec::new();
+    let mut problems = Vec::new();
     let mut stdin_read = false;
     for input in inputs {
         if input.as_os_str() == "-" {
@@ -99,20 +100,24 @@ pub fn load(
                 "-f - is given twice: standard input is read once"
             );
             stdin_read = true;
-            let mut text = String::new();
+            let mut bytes = Vec::new();
             stdin
-                .read_to_string(&mut text)
+                .take(vmesh_model::limits::MAX_DOCUMENT_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
                 .context("reading standard input")?;
-            texts.push(("<stdin>".to_string(), text));
+            match vmesh_model::limits::document_text(bytes) {
+                Ok(text) => texts.push(("<stdin>".to_string(), text)),
+                Err(p) => problems.push(format!("<stdin>: {p}")),
+            }
             continue;
         }
         for file in crate::validate::collect(input)? {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            texts.push((file.display().to_string(), text));
+            match crate::validate::read_text(&file)? {
+                Ok(text) => texts.push((file.display().to_string(), text)),
+                Err(p) => problems.push(format!("{}: {p}", file.display())),
+            }
         }
     }
-    let mut problems = Vec::new();
     let mut planned: Vec<Planned> = Vec::new();
     let mut seen: BTreeMap<ObjectKey, String> = BTreeMap::new();
     for (source, text) in &texts {
@@ -166,7 +171,8 @@ fn at(origin: &str, p: &Problem) -> String {
 /// (what is stored, so that the stored value reads like the input).
 fn read_documents(text: &str) -> Result<Vec<(Value, Option<serde_yaml_ng::Value>)>, Problem> {
     let values: Vec<Value> = vmesh_model::read_documents(text)?;
-    let ordered = vmesh_model::read_documents::<serde_yaml_ng::Value>(text)
+    // Within the limits (read_documents checked), so reading again costs as little.
+    let ordered = vmesh_model::read_documents_as::<serde_yaml_ng::Value>(text)
         .ok()
         .filter(|o| o.len() == values.len())
         .map_or_else(

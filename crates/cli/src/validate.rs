@@ -14,14 +14,24 @@ pub struct ValidateArgs {
     pub files: Vec<PathBuf>,
 }
 
+/// A config file's text, or why it has none usable (over the size limit, not UTF-8): the
+/// controller's rules (`vmesh_model::limits`). An error if it cannot be read at all.
+pub fn read_text(file: &Path) -> anyhow::Result<Result<String, vmesh_model::Problem>> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok(vmesh_model::limits::document_text(bytes))
+}
+
 /// Exit 0 when every object is accepted (warnings allowed), 1 when any is rejected.
 pub fn run(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut set = ConfigSet::new();
     for path in &args.files {
         for file in collect(path)? {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            set.upsert_source(&file.display().to_string(), &text, SourceMode::MultiDoc);
+            let source = file.display().to_string();
+            // The same limits and words as the controller's config directory.
+            match read_text(&file)? {
+                Ok(text) => set.upsert_source(&source, &text, SourceMode::MultiDoc),
+                Err(problem) => set.reject_source(&source, None, problem),
+            };
         }
     }
     let config = set.snapshot();

@@ -197,18 +197,16 @@ pub fn parse_single(text: &str) -> Result<Parsed, Problem> {
     }
 }
 
-/// Reads the documents of a text as JSON values.
+/// Reads the documents of a text as JSON values, within the limits.
 fn read_values(text: &str) -> Result<Vec<Value>, Problem> {
-    read_documents(text)
+    crate::read::read_documents(text)
 }
 
-/// The one way vmesh splits and reads a text of documents (the directory source, Consul values,
-/// `vmeshctl apply` and `validate`): JSON (text starting with `{`, after a byte-order mark and
-/// white space) is one document, read with the JSON parser for exact error positions; anything
-/// else is YAML, documents separated by `---`. Empty documents are skipped. Each document is
-/// read as `T` (e.g. `serde_json::Value`, or `serde_yaml_ng::Value` to keep the written key
-/// order). The error has the line and column.
-pub fn read_documents<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, Problem> {
+/// The documents of a text, each read as `T` (e.g. `serde_yaml_ng::Value`, to keep the written
+/// key order), without the limits' checks: call it only on a text [`read_documents`] accepted.
+///
+/// [`read_documents`]: crate::read_documents
+pub fn read_documents_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, Problem> {
     let trimmed = text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n']);
     if trimmed.starts_with('{') {
         let value: Option<T> = serde_json::from_str(trimmed)

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{at_most, MAX_GATEWAY_VIRTUAL_SERVICES, MAX_PROXY_NAMES};
 use crate::problem::{field, index, Problem};
 use crate::validate::{check_ip, check_name, Problems};
 
@@ -57,7 +58,8 @@ impl GatewaySpec {
             ));
         }
         let mut seen = BTreeSet::new();
-        for (i, name) in self.proxy_names.iter().enumerate() {
+        let proxy_names = at_most(&proxies_path, &self.proxy_names, MAX_PROXY_NAMES, problems);
+        for (i, name) in proxy_names.iter().enumerate() {
             let p = index(&proxies_path, i);
             if name.trim().is_empty() {
                 problems.push(Problem::new(p, "must not be empty"));
@@ -79,6 +81,7 @@ impl GatewaySpec {
                 ));
             }
             let mut seen = BTreeSet::new();
+            let names = at_most(&vs_path, names, MAX_GATEWAY_VIRTUAL_SERVICES, problems);
             for (i, name) in names.iter().enumerate() {
                 let p = index(&vs_path, i);
                 check_name(&p, name, problems);

@@ -23,7 +23,9 @@ mod catalog;
 mod document;
 mod duration;
 mod gateway;
+pub mod limits;
 mod problem;
+mod read;
 mod store;
 mod upstream;
 mod validate;
@@ -31,13 +33,14 @@ mod virtual_service;
 
 pub use catalog::{Catalog, Health, ServiceInstance};
 pub use document::{
-    parse_multi, parse_single, parse_value, read_documents, Document, Kind, Object, ObjectKey,
+    parse_multi, parse_single, parse_value, read_documents_as, Document, Kind, Object, ObjectKey,
     Parsed,
 };
 pub use duration::Duration;
 pub use gateway::{GatewaySpec, DEFAULT_BIND_ADDRESS, DEFAULT_PROXY_NAME};
 pub use problem::Problem;
-pub use store::{Config, ConfigSet, ObjectReport, SourceMode, State};
+pub use read::read_documents;
+pub use store::{Config, ConfigSet, ObjectReport, ParsedSource, SourceMode, State};
 pub use upstream::{
     is_valid_consul_datacenter, is_valid_consul_service, ConsulDiscovery, Discovery, LoadBalancer,
     StaticDiscovery, StaticHost, UpstreamSpec, DEFAULT_CONNECT_TIMEOUT,

@@ -13,12 +13,30 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// A problem at `path`. Both are cut to a bounded length (a message may quote the value at
+    /// fault, which can be as long as a document): see [`crate::limits::MAX_PROBLEM_TEXT`].
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            path: path.into(),
-            message: message.into(),
+            path: bounded(path.into()),
+            message: bounded(message.into()),
         }
     }
+}
+
+/// `text` cut to [`crate::limits::MAX_PROBLEM_TEXT`] bytes (on a character boundary), saying so.
+pub(crate) fn bounded(mut text: String) -> String {
+    let max = crate::limits::MAX_PROBLEM_TEXT;
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(&format!("… ({total} bytes in all)"));
+    text
 }
 
 impl std::fmt::Display for Problem {

@@ -187,55 +187,42 @@ impl SourceEntry {
     }
 }
 
-/// Every source's objects, with last-good versions. Pure and deterministic.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConfigSet {
-    sources: BTreeMap<String, SourceEntry>,
+/// A source's text, parsed: what [`ConfigSet::apply`] records. Parsing is the costly part of a
+/// change (bounded by [`crate::limits`]); building this where the text arrives keeps a slow
+/// document from delaying anything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedSource {
+    text_hash: String,
+    mode: SourceMode,
+    /// The documents, or the syntax error that makes the whole text unusable.
+    documents: Result<Vec<Parsed>, Problem>,
 }
 
-impl ConfigSet {
-    pub fn new() -> Self {
-        Self::default()
+impl ParsedSource {
+    /// A text of any number of documents (a file of the config directory).
+    pub fn file(text: &str) -> Self {
+        ParsedSource {
+            text_hash: crate::content_hash(text.as_bytes()),
+            mode: SourceMode::MultiDoc,
+            documents: parse_multi(text),
+        }
     }
 
-    /// Records the current text of `source`. Returns whether what it defines changed
-    /// (objects, their validity or its problems); a new comment alone is no change.
-    pub fn upsert_source(&mut self, source: &str, text: &str, mode: SourceMode) -> bool {
-        let text_hash = crate::content_hash(text.as_bytes());
-        let old = self.sources.get(source);
-        if old.is_some_and(|o| o.text_hash == text_hash && o.mode == mode) {
-            return false;
+    /// A text of exactly one document.
+    pub fn single(text: &str) -> Self {
+        ParsedSource {
+            text_hash: crate::content_hash(text.as_bytes()),
+            mode: SourceMode::SingleDoc,
+            documents: parse_single(text).map(|p| vec![p]),
         }
-        let parsed = match mode {
-            SourceMode::MultiDoc => parse_multi(text),
-            SourceMode::SingleDoc => parse_single(text).map(|p| vec![p]),
-        };
-        let entry = match parsed {
-            Err(syntax_error) => SourceEntry {
-                text_hash,
-                mode,
-                syntax_error: Some(syntax_error),
-                docs: old.map(|o| o.docs.clone()).unwrap_or_default(),
-                problems: vec![],
-            },
-            Ok(documents) => build_entry(text_hash, mode, documents, old),
-        };
-        // Changed means what the source defines changed, not its bytes (comments, layout).
-        let changed = old.is_none_or(|o| !o.same_content(&entry));
-        self.sources.insert(source.to_string(), entry);
-        changed
     }
 
-    /// Records the value of a source that is one object by its name, such as the Consul key
-    /// `vmesh/config/<Kind>/<name>`: whatever the value holds, it is reported under `key`.
-    /// A value that does not parse, or names another object, is `Rejected` on its own (and
-    /// the object keeps its last good version), rather than becoming a problem of no object.
-    pub fn upsert_keyed(&mut self, source: &str, key: &ObjectKey, text: &str) -> bool {
+    /// The value of a source that is one object by its name, such as the Consul key
+    /// `vmesh/config/<Kind>/<name>`: whatever the value holds, it is reported under `key`. A
+    /// value that does not parse, or names another object, is `Rejected` on its own (and the
+    /// object keeps its last good version), rather than becoming a problem of no object.
+    pub fn keyed(key: &ObjectKey, text: &str) -> Self {
         let text_hash = crate::content_hash(text.as_bytes());
-        let old = self.sources.get(source);
-        if old.is_some_and(|o| o.text_hash == text_hash && o.mode == SourceMode::SingleDoc) {
-            return false;
-        }
         let rejected = |errors: Vec<Problem>| {
             Parsed::Document(Document {
                 key: key.clone(),
@@ -259,12 +246,60 @@ impl ConfigSet {
             }
             Ok(parsed) => parsed,
         };
-        let entry = build_entry(
-            text_hash.clone(),
-            SourceMode::SingleDoc,
-            vec![document],
-            old,
-        );
+        ParsedSource {
+            text_hash,
+            mode: SourceMode::SingleDoc,
+            documents: Ok(vec![document]),
+        }
+    }
+}
+
+/// Every source's objects, with last-good versions. Pure and deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigSet {
+    sources: BTreeMap<String, SourceEntry>,
+}
+
+impl ConfigSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the current text of `source`. Returns whether what it defines changed
+    /// (objects, their validity or its problems); a new comment alone is no change.
+    pub fn upsert_source(&mut self, source: &str, text: &str, mode: SourceMode) -> bool {
+        let parsed = match mode {
+            SourceMode::MultiDoc => ParsedSource::file(text),
+            SourceMode::SingleDoc => ParsedSource::single(text),
+        };
+        self.apply(source, parsed)
+    }
+
+    /// Records the value of a source that is one object by its name, such as the Consul key
+    /// `vmesh/config/<Kind>/<name>` (see [`ParsedSource::keyed`]).
+    pub fn upsert_keyed(&mut self, source: &str, key: &ObjectKey, text: &str) -> bool {
+        self.apply(source, ParsedSource::keyed(key, text))
+    }
+
+    /// Records a source's text, parsed elsewhere (parsing is the costly part, and the controller
+    /// does it off the path every other change takes). Returns whether what the source defines
+    /// changed.
+    pub fn apply(&mut self, source: &str, parsed: ParsedSource) -> bool {
+        let old = self.sources.get(source);
+        if old.is_some_and(|o| o.text_hash == parsed.text_hash && o.mode == parsed.mode) {
+            return false;
+        }
+        let entry = match parsed.documents {
+            Err(syntax_error) => SourceEntry {
+                text_hash: parsed.text_hash,
+                mode: parsed.mode,
+                syntax_error: Some(syntax_error),
+                docs: old.map(|o| o.docs.clone()).unwrap_or_default(),
+                problems: vec![],
+            },
+            Ok(documents) => build_entry(parsed.text_hash, parsed.mode, documents, old),
+        };
+        // Changed means what the source defines changed, not its bytes (comments, layout).
         let changed = old.is_none_or(|o| !o.same_content(&entry));
         self.sources.insert(source.to_string(), entry);
         changed

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Health, ServiceInstance};
 use crate::duration::Duration;
+use crate::limits::{at_most, MAX_CONSUL_FILTERS, MAX_HOSTS};
 use crate::problem::{field, index, Problem};
 use crate::validate::{check_ip, Problems};
 
@@ -151,7 +152,8 @@ impl StaticDiscovery {
             problems.push(Problem::new(&hosts_path, "must list at least one host"));
         }
         let mut seen = BTreeSet::new();
-        for (i, host) in self.hosts.iter().enumerate() {
+        let hosts = at_most(&hosts_path, &self.hosts, MAX_HOSTS, problems);
+        for (i, host) in hosts.iter().enumerate() {
             let p = index(&hosts_path, i);
             check_ip(&field(&p, "address"), &host.address, problems);
             if host.port == 0 {
@@ -215,7 +217,8 @@ impl ConsulDiscovery {
         }
         let tags_path = field(path, "tags");
         let mut seen = BTreeSet::new();
-        for (i, tag) in self.tags.iter().enumerate() {
+        let tags = at_most(&tags_path, &self.tags, MAX_CONSUL_FILTERS, problems);
+        for (i, tag) in tags.iter().enumerate() {
             let p = index(&tags_path, i);
             if tag.is_empty() {
                 problems.push(Problem::new(p, "tag must not be empty"));
@@ -237,6 +240,7 @@ impl ConsulDiscovery {
                 ));
             }
             let mut seen = BTreeSet::new();
+            let dcs = at_most(&dcs_path, dcs, MAX_CONSUL_FILTERS, problems);
             for (i, dc) in dcs.iter().enumerate() {
                 let p = index(&dcs_path, i);
                 if !is_valid_consul_datacenter(dc) {

@@ -104,6 +104,17 @@ pub(crate) fn check_header_value(path: &str, value: &str, problems: &mut Problem
 /// Compiles a regex with the `regex` crate, whose syntax is close to RE2's (Envoy's
 /// engine): both reject look-around and backreferences.
 pub(crate) fn check_regex(path: &str, regex: &str, problems: &mut Problems) {
+    let max = crate::limits::MAX_REGEX_BYTES;
+    if regex.len() > max {
+        problems.push(Problem::new(
+            path,
+            format!(
+                "the regex is {} bytes long; the limit is {max}",
+                regex.len()
+            ),
+        ));
+        return;
+    }
     if let Err(e) = regex::RegexBuilder::new(regex).size_limit(1 << 20).build() {
         // The regex crate's errors span several lines; keep them on one.
         let detail = e

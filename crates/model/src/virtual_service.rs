@@ -5,6 +5,9 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
+use crate::limits::{
+    at_most, MAX_DOMAINS, MAX_HEADER_MUTATIONS, MAX_MATCHERS, MAX_REGEXES, MAX_ROUTES, MAX_SPLIT,
+};
 use crate::problem::{field, index, Problem};
 use crate::validate::{
     check_header_value, check_http_path, check_match_header_name, check_mutable_header_name,
@@ -326,6 +329,18 @@ impl Route {
         names
     }
 
+    /// How many regexes the route's match holds.
+    fn regex_count(&self) -> usize {
+        self.route_match.as_ref().map_or(0, |m| {
+            usize::from(m.regex.is_some())
+                + m.headers.iter().filter(|h| h.regex.is_some()).count()
+                + m.query_parameters
+                    .iter()
+                    .filter(|q| q.regex.is_some())
+                    .count()
+        })
+    }
+
     fn validate(&self, path: &str, problems: &mut Problems) {
         let count = self.actions().count();
         if count != 1 {
@@ -396,13 +411,15 @@ impl RouteMatch {
             }
         }
         let headers_path = field(path, "headers");
-        for (i, h) in self.headers.iter().enumerate() {
+        let headers = at_most(&headers_path, &self.headers, MAX_MATCHERS, problems);
+        for (i, h) in headers.iter().enumerate() {
             let p = index(&headers_path, i);
             check_match_header_name(&field(&p, "name"), &h.name, problems);
             validate_value_match(&p, &h.value, &h.regex, h.present, problems);
         }
         let query_path = field(path, "queryParameters");
-        for (i, q) in self.query_parameters.iter().enumerate() {
+        let query = at_most(&query_path, &self.query_parameters, MAX_MATCHERS, problems);
+        for (i, q) in query.iter().enumerate() {
             let p = index(&query_path, i);
             if q.name.is_empty() {
                 problems.push(Problem::new(field(&p, "name"), "must not be empty"));
@@ -449,7 +466,8 @@ fn validate_split(path: &str, split: &[SplitBackend], problems: &mut Problems) {
     }
     let mut seen = BTreeSet::new();
     let mut total: u64 = 0;
-    for (i, backend) in split.iter().enumerate() {
+    let checked = at_most(path, split, MAX_SPLIT, problems);
+    for (i, backend) in checked.iter().enumerate() {
         let p = index(path, i);
         check_name(&field(&p, "upstream"), &backend.upstream, problems);
         total += u64::from(backend.weight);
@@ -594,13 +612,15 @@ impl Retries {
 impl HeaderMutations {
     fn validate(&self, path: &str, problems: &mut Problems) {
         let add_path = field(path, "add");
-        for (i, h) in self.add.iter().enumerate() {
+        let add = at_most(&add_path, &self.add, MAX_HEADER_MUTATIONS, problems);
+        for (i, h) in add.iter().enumerate() {
             let p = index(&add_path, i);
             check_mutable_header_name(&field(&p, "name"), &h.name, problems);
             check_header_value(&field(&p, "value"), &h.value, problems);
         }
         let remove_path = field(path, "remove");
-        for (i, name) in self.remove.iter().enumerate() {
+        let remove = at_most(&remove_path, &self.remove, MAX_HEADER_MUTATIONS, problems);
+        for (i, name) in remove.iter().enumerate() {
             check_mutable_header_name(&index(&remove_path, i), name, problems);
         }
     }
@@ -613,7 +633,8 @@ impl VirtualServiceSpec {
             problems.push(Problem::new(&domains_path, "must list at least one domain"));
         }
         let mut seen = BTreeSet::new();
-        for (i, domain) in self.domains.iter().enumerate() {
+        let domains = at_most(&domains_path, &self.domains, MAX_DOMAINS, problems);
+        for (i, domain) in domains.iter().enumerate() {
             let p = index(&domains_path, i);
             if let Err(message) = check_domain(domain) {
                 problems.push(Problem::new(p, message));
@@ -625,8 +646,17 @@ impl VirtualServiceSpec {
         if self.routes.is_empty() {
             problems.push(Problem::new(&routes_path, "must list at least one route"));
         }
-        for (i, route) in self.routes.iter().enumerate() {
+        let routes = at_most(&routes_path, &self.routes, MAX_ROUTES, problems);
+        for (i, route) in routes.iter().enumerate() {
             route.validate(&index(&routes_path, i), problems);
+        }
+        // Each regex costs compiling it here and in every Envoy: a bounded number per object.
+        let regexes = routes.iter().map(Route::regex_count).sum::<usize>();
+        if regexes > MAX_REGEXES {
+            problems.push(Problem::new(
+                &routes_path,
+                format!("the routes hold {regexes} regexes; the limit is {MAX_REGEXES}"),
+            ));
         }
     }
 }
