@@ -92,8 +92,62 @@ pub struct Args {
     #[arg(long, env = "VMESH_DISCOVERY_WARMUP", default_value = "10s", value_parser = humantime::parse_duration)]
     pub discovery_warmup: Duration,
 
+    /// Connections the xDS port holds at once (each Envoy holds one). At the limit, new
+    /// connections wait until one closes.
+    #[arg(long, env = "VMESH_XDS_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub xds_max_connections: usize,
+
+    /// Connections the relay port holds at once (each agent holds one, two while it renews).
+    #[arg(long, env = "VMESH_RELAY_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub relay_max_connections: usize,
+
+    /// Connections the admin port holds at once.
+    #[arg(long, env = "VMESH_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
+
+    /// How long a new connection may stay silent (after the TLS handshake, on the relay port)
+    /// before it is closed.
+    #[arg(long, env = "VMESH_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub first_bytes_timeout: Duration,
+
+    /// How long an admin request may take: to send its headers (or, on a kept-alive
+    /// connection, to start), to be answered, and to read the answer.
+    #[arg(long, env = "VMESH_ADMIN_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub admin_request_timeout: Duration,
+
+    /// Concurrent HTTP/2 streams one client may open on one xDS or relay connection.
+    #[arg(long, env = "VMESH_MAX_STREAMS_PER_CONNECTION", default_value_t = 16)]
+    pub max_streams_per_connection: u32,
+
+    /// Largest gRPC message a client may send on the xDS and relay ports, in bytes.
+    #[arg(long, env = "VMESH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// The soft limit on open files the controller raises itself to at start (up to the hard
+    /// limit): the ports' connection limits need more than the usual 1,024.
+    #[arg(long, env = "VMESH_OPEN_FILES", default_value_t = 65536)]
+    pub open_files: u64,
+
     #[command(flatten)]
     pub logging: vmesh_runtime::LogFlags,
+}
+
+impl Args {
+    /// The limits of the HTTP/2 servers (xDS and relay).
+    pub fn grpc_limits(&self) -> crate::listener::GrpcLimits {
+        crate::listener::GrpcLimits {
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+
+    /// The limits of one port.
+    pub fn port_limits(&self, max_connections: usize) -> crate::listener::Limits {
+        crate::listener::Limits {
+            max_connections,
+            first_bytes: self.first_bytes_timeout,
+        }
+    }
 }
 
 fn default_id() -> String {

@@ -9,6 +9,7 @@ mod admin;
 pub mod args;
 mod index;
 mod leader;
+mod listener;
 mod metrics;
 mod relay;
 mod source;
@@ -49,6 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Builds every component and spawns its tasks.
 async fn build(args: Args) -> anyhow::Result<Supervisor> {
+    listener::raise_open_file_limit(args.open_files);
     let mut tasks = Supervisor::new();
     let readiness = tasks.readiness();
     let mut registry = prometheus_client::registry::Registry::default();
@@ -104,6 +106,8 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                     agent_cert_ttl: args.agent_cert_ttl,
                     grace: args.discovery_grace,
                     warmup: args.discovery_warmup,
+                    limits: args.port_limits(args.relay_max_connections),
+                    grpc: args.grpc_limits(),
                 };
                 let replica = relay::Replica {
                     id: args.id.clone(),
@@ -168,22 +172,34 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("cannot listen for xDS on {}", args.xds_addr))?;
-    info!(addr = %xds_listener.local_addr()?, "xDS server listening");
-    let xds = tonic::transport::Server::builder()
+    let xds_acceptor = listener::Acceptor::new(
+        xds_listener,
+        args.port_limits(args.xds_max_connections),
+        "xds",
+    );
+    info!(addr = %xds_acceptor.local_addr()?, "xDS server listening");
+    let xds = args
+        .grpc_limits()
+        .server()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(ads.service())
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a large push (a route configuration with hundreds of
-            // virtual hosts) waits about 40 ms for the proxy's delayed ACK.
-            tonic::transport::server::TcpIncoming::from(xds_listener).with_nodelay(Some(true)),
-            tasks.shutdown().wait(),
-        );
+        .add_service(
+            ads.service()
+                .max_decoding_message_size(args.max_message_bytes),
+        )
+        // Every connection is accepted with TCP_NODELAY: without it a large push (a route
+        // configuration with hundreds of virtual hosts) waits about 40 ms for the proxy's
+        // delayed ACK.
+        .serve_with_incoming_shutdown(listener::incoming(xds_acceptor), tasks.shutdown().wait());
     tasks.spawn("xds", async move { Ok(xds.await?) });
 
     // Admin endpoint.
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen for admin on {}", args.admin_addr))?;
+    let admin_listener = listener::Acceptor::new(
+        tokio::net::TcpListener::bind(args.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen for admin on {}", args.admin_addr))?,
+        args.port_limits(args.admin_max_connections),
+        "admin",
+    );
     info!(addr = %admin_listener.local_addr()?, "admin endpoint listening");
     let app = admin::router(admin::AdminState {
         published,
@@ -194,7 +210,14 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
         agents,
         readiness,
     });
-    let admin = axum::serve(admin_listener, app).with_graceful_shutdown(tasks.shutdown().wait());
-    tasks.spawn("admin", async move { Ok(admin.await?) });
+    let admin = listener::serve_http1(
+        admin_listener,
+        app,
+        listener::HttpLimits {
+            request_timeout: args.admin_request_timeout,
+        },
+        tasks.shutdown(),
+    );
+    tasks.spawn("admin", admin);
     Ok(tasks)
 }

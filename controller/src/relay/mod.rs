@@ -50,6 +50,10 @@ pub use hub::Hub;
 /// without them: it goes on watching revocations, and the warm-up then runs its whole length.
 const STARTUP_READ: Duration = Duration::from_secs(5);
 
+/// The largest registration request (a bootstrap token, a CSR and a few names: about 2 KiB) the
+/// relay reads; its callers are not yet authenticated.
+pub const MAX_REGISTRATION_BYTES: usize = 64 * 1024;
+
 /// How the relay is set up (from the command line).
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
@@ -61,6 +65,9 @@ pub struct RelaySettings {
     pub agent_cert_ttl: Duration,
     pub grace: Duration,
     pub warmup: Duration,
+    /// The relay port's connection limits.
+    pub limits: crate::listener::Limits,
+    pub grpc: crate::listener::GrpcLimits,
 }
 
 impl RelaySettings {
@@ -172,8 +179,9 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen for the relay on {}", settings.addr))?;
-        info!(addr = %listener.local_addr()?, trust_domain = %settings.trust_domain, "relay listening");
-        let incoming = tls::incoming(listener, config, metrics.clone());
+        let acceptor = crate::listener::Acceptor::new(listener, settings.limits, "relay");
+        info!(addr = %acceptor.local_addr()?, trust_domain = %settings.trust_domain, "relay listening");
+        let incoming = tls::incoming(acceptor, config, metrics.clone());
         let state = Arc::new(service::RelayState {
             hub: hub.clone(),
             registrar: registration::Registrar {
@@ -185,13 +193,20 @@ impl Relay {
             },
             metrics,
         });
-        let server = tonic::transport::Server::builder()
+        let max_message = settings.grpc.max_message_bytes;
+        let server = settings
+            .grpc
+            .server()
             .http2_keepalive_interval(Some(Duration::from_secs(15)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(RegistrationServer::new(service::RegistrationService(
-                state.clone(),
-            )))
-            .add_service(RelayServer::new(service::RelayService(state)))
+            .add_service(
+                RegistrationServer::new(service::RegistrationService(state.clone()))
+                    .max_decoding_message_size(MAX_REGISTRATION_BYTES),
+            )
+            .add_service(
+                RelayServer::new(service::RelayService(state))
+                    .max_decoding_message_size(max_message),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());
 
         let client = registry.client().clone();

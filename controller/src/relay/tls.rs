@@ -19,7 +19,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -30,6 +30,7 @@ use vmesh_retry::Backoff;
 use vmesh_runtime::Shutdown;
 use vmesh_tls::{new_key_and_csr, CertificateAuthority, CONTROLLER_SERVER_NAME};
 
+use crate::listener::{Acceptor, Guarded};
 use crate::metrics::Metrics;
 
 /// How long a client may take to complete the TLS handshake.
@@ -179,38 +180,31 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Accepted TLS connections, handshakes done concurrently; refused ones are logged and counted,
-/// never passed on. Ends when the stream is dropped.
+/// Accepted TLS connections (under the port's limits), handshakes done concurrently; refused
+/// ones are logged and counted, never passed on. Ends when the stream is dropped.
 pub fn incoming(
-    listener: TcpListener,
+    mut listener: Acceptor,
     config: rustls::ServerConfig,
     metrics: Arc<Metrics>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<Guarded<TlsStream<TcpStream>>, io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
+    let first_bytes = listener.limits().first_bytes;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            let (tcp, peer, permit) = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
             };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "relay listener cannot accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        // The place under the cap goes with the connection; the silence
+                        // deadline starts after the handshake.
+                        let _ = tx.send(Ok(Guarded::new(tls, permit, first_bytes))).await;
                     }
                     Ok(Err(e)) => refused(&metrics, peer, &e),
                     Err(_) => {

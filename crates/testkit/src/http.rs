@@ -76,6 +76,9 @@ impl HttpClient {
             .proxy(None)
             .max_idle_connections(idle)
             .max_idle_connections_per_host(idle)
+            // Shorter than the controller's admin request timeout (10 s by default), after which
+            // it closes a kept-alive connection: never reuse one it may be closing.
+            .max_idle_age(Duration::from_secs(5))
             .timeout_global(Some(timeout))
             .build();
         Self {

@@ -239,7 +239,9 @@ async fn run_stream<Req, Resp>(
         Ok(Some(req)) => req,
         Ok(None) => return,
         Err(status) => {
+            // A request over the size limit, or a client gone: say why, if it still listens.
             debug!(%status, "stream ended before its first request");
+            let _ = tx.send(Err(status)).await;
             return;
         }
     };
@@ -302,6 +304,7 @@ async fn run_stream<Req, Resp>(
                 Ok(None) => break,
                 Err(status) => {
                     debug!(%status, "stream error");
+                    let _ = tx.send(Err(status)).await;
                     break;
                 }
             },
