@@ -92,6 +92,15 @@ pub struct Args {
     #[arg(long, env = "VMESH_DISCOVERY_WARMUP", default_value = "10s", value_parser = humantime::parse_duration)]
     pub discovery_warmup: Duration,
 
+    /// Registrations one source address may make at once; then --registration-rate per second.
+    /// Over it, a registration is refused (the agent retries later) before any other work.
+    #[arg(long, env = "VMESH_REGISTRATION_BURST", default_value_t = 20)]
+    pub registration_burst: u32,
+
+    /// Registrations per second one source address may make after its burst.
+    #[arg(long, env = "VMESH_REGISTRATION_RATE", default_value_t = 1.0)]
+    pub registration_rate: f64,
+
     /// Connections the xDS port holds at once (each Envoy holds one). At the limit, new
     /// connections wait until one closes.
     #[arg(long, env = "VMESH_XDS_MAX_CONNECTIONS", default_value_t = 4096)]

@@ -108,6 +108,10 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                     warmup: args.discovery_warmup,
                     limits: args.port_limits(args.relay_max_connections),
                     grpc: args.grpc_limits(),
+                    registrations: vmesh_relay::Rate {
+                        burst: args.registration_burst,
+                        per_second: args.registration_rate,
+                    },
                 };
                 let replica = relay::Replica {
                     id: args.id.clone(),
@@ -128,6 +132,8 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                 tasks.spawn("relay", t.server);
                 tasks.spawn("relay-certificate", t.certificate);
                 tasks.spawn("revocations", t.revocations);
+                tasks.spawn("tokens", t.tokens);
+                tasks.spawn("relay-refusals", t.refusals);
                 tasks.spawn("discovery", t.catalog);
                 tasks.spawn("discovery-share", t.share);
                 tasks.spawn("discovery-read", t.read);

@@ -411,3 +411,95 @@ fn certificates_from_before_a_revocation_cannot_be_renewed_after_it_is_lifted() 
         .unwrap();
     relay.assert_alive();
 }
+
+#[test]
+fn a_registration_flood_costs_no_consul_reads_and_a_few_log_lines() {
+    let consul = ConsulEmulator::start();
+    // A burst large enough that much of the flood reaches the token check; the rest is refused
+    // by the rate limit before it.
+    let relay = RelayController::start(
+        &consul,
+        &["--registration-burst", "100", "--registration-rate", "1"],
+    );
+    let rt = runtime();
+    let honest_token = create_token(&consul, None, None, None);
+    // Reads that are not the relay's watches.
+    let reads = || consul.kv_reads_under("vmesh/tokens/") + consul.kv_reads_under("vmesh/agents/");
+    let before = reads();
+
+    // 300 registrations from one address, 16 at a time on one connection: made-up tokens, and
+    // every other one with a CSR that is not one.
+    let (_key, csr) = new_key_and_csr().unwrap();
+    let codes = rt.block_on(async {
+        let channel = channel(&relay, None, ip(90)).await.unwrap();
+        let mut codes = Vec::new();
+        for batch in 0..(300 / 15) {
+            let calls = (0..15).map(|i| {
+                let mut client = RegistrationClient::new(channel.clone());
+                let n = batch * 15 + i;
+                let csr_der = if n % 2 == 0 {
+                    csr.clone()
+                } else {
+                    b"garbage".to_vec()
+                };
+                async move {
+                    client
+                        .register(RegisterRequest {
+                            token: format!("vmbt_{n:064x}"),
+                            node: format!("flood-{n}"),
+                            datacenter: "dc1".to_owned(),
+                            csr_der,
+                        })
+                        .await
+                        .err()
+                        .map(|s| s.code())
+                }
+            });
+            codes.extend(futures::future::join_all(calls).await);
+        }
+        codes
+    });
+    let count = |code| codes.iter().filter(|c| **c == Some(code)).count();
+    assert_eq!(codes.len(), 300);
+    assert!(
+        codes.iter().all(Option::is_some),
+        "a made-up registration succeeded"
+    );
+    let (unknown, bad_csr, limited) = (
+        count(tonic::Code::PermissionDenied),
+        count(tonic::Code::InvalidArgument),
+        count(tonic::Code::ResourceExhausted),
+    );
+    assert_eq!(unknown + bad_csr + limited, 300, "{codes:?}");
+    assert!(
+        unknown >= 40 && bad_csr >= 40,
+        "{unknown} unknown, {bad_csr} bad CSRs"
+    );
+    assert!(limited >= 100, "{limited} rate-limited");
+    // Not one of them read Consul.
+    assert_eq!(
+        reads(),
+        before,
+        "the flood read the tokens or agents in Consul"
+    );
+
+    // Meanwhile an agent from another address registers as usual.
+    rt.block_on(register(&relay, &honest_token, "vm-honest", ip(91)))
+        .unwrap();
+
+    // The log has one line per reason, then a count.
+    let log = relay.controller.log();
+    assert_eq!(log.matches("relay call refused").count(), 3, "{log}");
+    eventually(DEADLINE, "the refusals to be summed up in the log", || {
+        let log = relay.controller.log();
+        log.lines()
+            .find(|l| l.contains("more relay calls refused"))
+            .map(str::to_owned)
+            .ok_or("no summary yet".to_string())
+    });
+    assert_eq!(
+        relay.metric("vmesh_relay_refused_total", "reason=\"rate_limited\"") as usize,
+        limited
+    );
+    relay.assert_alive();
+}

@@ -4,10 +4,13 @@
 //!
 //! - `tls`: the listener's certificate (from the mesh CA, renewed at half-life) and handshakes.
 //! - `registration`: who may call, registration and renewal, on the registry and the CA.
+//! - `tokens`: the bootstrap tokens, watched, so a bad token costs no Consul read.
+//! - `refusals`: every refusal counted, logged once per reason and window, summed up after;
+//!   registrations limited per source address.
 //! - `service`: the `Registration` and `Relay` gRPC services (the only place that knows tonic).
 //! - `hub`: the shell around `HubState`: streams, the deny list, the catalog published to the
 //!   index.
-//! - `revocations`: the deny list, watched in Consul KV.
+//! - `revocations`: the deny list, watched in Consul KV (`records`: one way to watch records).
 //! - `replicas`: discovery shared with the other replicas through Consul KV.
 //!
 //! [`Relay::start`] loads the CA, binds the listener and reads what must be known before the
@@ -17,11 +20,14 @@
 //! replica.
 
 mod hub;
+mod records;
+mod refusals;
 mod registration;
 mod replicas;
 mod revocations;
 mod service;
 mod tls;
+mod tokens;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,6 +74,8 @@ pub struct RelaySettings {
     /// The relay port's connection limits.
     pub limits: crate::listener::Limits,
     pub grpc: crate::listener::GrpcLimits,
+    /// Registrations allowed per source address.
+    pub registrations: vmesh_relay::Rate,
 }
 
 impl RelaySettings {
@@ -113,6 +121,10 @@ pub struct RelayTasks {
     pub certificate: Task,
     /// `revocations`: the deny list, watched.
     pub revocations: Task,
+    /// `tokens`: the bootstrap tokens, watched.
+    pub tokens: Task,
+    /// `relay-refusals`: refusals not logged one by one, summed up.
+    pub refusals: Task,
     /// `discovery`: the catalog, published to the index.
     pub catalog: Task,
     /// `discovery-share`: this replica's records, written to Consul KV.
@@ -181,17 +193,25 @@ impl Relay {
             .with_context(|| format!("cannot listen for the relay on {}", settings.addr))?;
         let acceptor = crate::listener::Acceptor::new(listener, settings.limits, "relay");
         info!(addr = %acceptor.local_addr()?, trust_domain = %settings.trust_domain, "relay listening");
-        let incoming = tls::incoming(acceptor, config, metrics.clone());
+        let refusals = refusals::Refusals::new(
+            metrics.clone(),
+            settings.registrations,
+            settings.limits.max_connections,
+        );
+        let incoming = tls::incoming(acceptor, config, refusals.clone());
+        let tokens = tokens::Tokens::new();
         let state = Arc::new(service::RelayState {
             hub: hub.clone(),
             registrar: registration::Registrar {
                 hub: hub.clone(),
                 registry: registry.clone(),
+                tokens: tokens.clone(),
                 ca: ca.clone(),
                 trust_domain: settings.trust_domain.clone(),
                 cert_ttl: settings.agent_cert_ttl,
             },
             metrics,
+            refusals: refusals.clone(),
         });
         let max_message = settings.grpc.max_message_bytes;
         let server = settings
@@ -213,6 +233,13 @@ impl Relay {
         let tasks = RelayTasks {
             server: Box::pin(async move { Ok(server.await?) }),
             certificate: Box::pin(server_cert.keep_renewed(ca, shutdown.clone())),
+            tokens: Box::pin(tokens::watch(
+                registry.clone(),
+                tokens,
+                readiness.component("tokens"),
+                shutdown.clone(),
+            )),
+            refusals: Box::pin(refusals.summarize(shutdown.clone())),
             revocations: Box::pin(revocations::watch(
                 registry,
                 hub.clone(),

@@ -5,9 +5,10 @@
 //! - **Authentication** (every `Relay` call): a client certificate from the mesh CA (the handshake
 //!   verified the chain) whose SPIFFE id is an agent of this trust domain, still valid now (a
 //!   connection can outlive its certificate), and not revoked.
-//! - **Registration**: a node holds one registration at a time (a token not bound to the node
-//!   must not let another machine take over a live agent's name); a revoked node is refused; a
-//!   CSR that cannot be signed is refused before the token is spent; the token is redeemed, the
+//! - **Registration**: the checks that need no Consul read come first (the node name, the deny
+//!   list, the CSR, the token against the watched copy), so a request that fails them costs no
+//!   Consul read; a node holds one registration at a time (a token not bound to the node must
+//!   not let another machine take over a live agent's name); the token is redeemed, the
 //!   certificate signed, the agent recorded; a token revoked meanwhile revokes the agent.
 //! - **Renewal**: only a registered agent renews (after `vmeshctl agent allow` forgot a revoked
 //!   one, its old certificates must not live on), and it keeps the token it registered with.
@@ -25,6 +26,7 @@ use vmesh_tls::tokens::{Secret, TokenError, TokenId};
 use vmesh_tls::{certificate_not_after, certificate_serial, CertificateAuthority, SpiffeId};
 
 use super::hub::Hub;
+use super::tokens::Tokens;
 
 /// An agent identified by its client certificate.
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub struct Registered {
 pub struct Registrar {
     pub hub: Arc<Hub>,
     pub registry: Registry,
+    /// The watched copy of the bootstrap tokens, for refusals without a Consul read.
+    pub tokens: Arc<Tokens>,
     pub ca: Arc<dyn CertificateAuthority>,
     pub trust_domain: String,
     pub cert_ttl: Duration,
@@ -56,15 +60,16 @@ fn unavailable(e: &RegistryError) -> Refusal {
     Refusal::unavailable()
 }
 
-fn token_reason(e: &TokenError) -> &'static str {
-    match e {
+fn token_refusal(e: &TokenError) -> Refusal {
+    let reason = match e {
         TokenError::Unknown | TokenError::NotFound { .. } => "token_unknown",
         TokenError::Revoked { .. } => "token_revoked",
         TokenError::Expired { .. } => "token_expired",
         TokenError::Exhausted { .. } => "token_exhausted",
         TokenError::WrongNode { .. } => "token_wrong_node",
         _ => "token_invalid",
-    }
+    };
+    Refusal::new(RefusalKind::PermissionDenied, reason, e.to_string())
 }
 
 impl Registrar {
@@ -141,6 +146,16 @@ impl Registrar {
                 format!("agent {id} is revoked; re-admit it with `vmeshctl agent allow` first"),
             ));
         }
+        // Everything that needs no Consul read comes first: a request that cannot be signed
+        // must not spend a use of the token, and a token the watched copy refuses costs nothing.
+        vmesh_tls::check_csr(csr_der).map_err(|e| {
+            Refusal::new(RefusalKind::InvalidArgument, "bad_request", e.to_string())
+        })?;
+        let secret = Secret::new(token);
+        self.tokens
+            .precheck(&secret, node, now)
+            .await
+            .map_err(|e| token_refusal(&e))?;
         match self.registry.agent(&id).await {
             Ok(Some(record)) if record.not_after_unix > unix_secs(now) => {
                 return Err(Refusal::new(
@@ -156,20 +171,9 @@ impl Registrar {
             Ok(_) => {}
             Err(e) => return Err(unavailable(&e)),
         }
-        // A request that cannot be signed must not spend a use of the token.
-        vmesh_tls::check_csr(csr_der).map_err(|e| {
-            Refusal::new(RefusalKind::InvalidArgument, "bad_request", e.to_string())
-        })?;
-        let secret = Secret::new(token);
         let token = match self.registry.redeem(&secret, node, now).await {
             Ok(info) => info,
-            Err(RegistryError::Token(e)) => {
-                return Err(Refusal::new(
-                    RefusalKind::PermissionDenied,
-                    token_reason(&e),
-                    e.to_string(),
-                ));
-            }
+            Err(RegistryError::Token(e)) => return Err(token_refusal(&e)),
             Err(e) => return Err(unavailable(&e)),
         };
         let certificate = self

@@ -24,6 +24,7 @@ use vmesh_proto::v1::{
 use vmesh_relay::{Refusal, RefusalKind};
 
 use super::hub::Hub;
+use super::refusals::Refusals;
 use super::registration::Registrar;
 use crate::metrics::Metrics;
 
@@ -35,6 +36,7 @@ pub fn to_status(refusal: &Refusal) -> Status {
         RefusalKind::Unauthenticated => Status::unauthenticated(message),
         RefusalKind::PermissionDenied => Status::permission_denied(message),
         RefusalKind::Unavailable => Status::unavailable(message),
+        RefusalKind::RateLimited => Status::resource_exhausted(message),
     }
 }
 
@@ -43,6 +45,7 @@ pub struct RelayState {
     pub hub: Arc<Hub>,
     pub registrar: Registrar,
     pub metrics: Arc<Metrics>,
+    pub refusals: Arc<Refusals>,
 }
 
 /// The peer of a call: its address and, if it presented one, its verified certificate chain.
@@ -80,8 +83,9 @@ impl RelayState {
     /// no refusal of the caller: it was logged where it happened and is not counted.
     fn refuse(&self, peer: &Peer, refusal: Refusal) -> Status {
         if refusal.kind != RefusalKind::Unavailable {
-            self.metrics.refused(refusal.reason);
-            warn!(peer = %peer.describe(), reason = refusal.reason, error = %refusal.message, "relay call refused");
+            self.refusals.note(refusal.reason, peer.addr, || {
+                warn!(peer = %peer.describe(), reason = refusal.reason, error = %refusal.message, "relay call refused");
+            });
         }
         to_status(&refusal)
     }
@@ -99,6 +103,10 @@ impl Registration for RegistrationService {
         let state = &self.0;
         let peer = Peer::of(&request);
         let address = peer.ip()?;
+        // Before anything else: a flood from one address costs a lookup per call.
+        if !state.refusals.allow_registration(address) {
+            return Err(state.refuse(&peer, Refusal::rate_limited()));
+        }
         let req = request.into_inner();
         let registered = state
             .registrar

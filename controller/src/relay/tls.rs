@@ -30,8 +30,8 @@ use vmesh_retry::Backoff;
 use vmesh_runtime::Shutdown;
 use vmesh_tls::{new_key_and_csr, CertificateAuthority, CONTROLLER_SERVER_NAME};
 
+use super::refusals::Refusals;
 use crate::listener::{Acceptor, Guarded};
-use crate::metrics::Metrics;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -185,7 +185,7 @@ pub fn server_config(
 pub fn incoming(
     mut listener: Acceptor,
     config: rustls::ServerConfig,
-    metrics: Arc<Metrics>,
+    refusals: Arc<Refusals>,
 ) -> ReceiverStream<Result<Guarded<TlsStream<TcpStream>>, io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let first_bytes = listener.limits().first_bytes;
@@ -198,7 +198,7 @@ pub fn incoming(
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
-            let metrics = metrics.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
@@ -206,11 +206,10 @@ pub fn incoming(
                         // deadline starts after the handshake.
                         let _ = tx.send(Ok(Guarded::new(tls, permit, first_bytes))).await;
                     }
-                    Ok(Err(e)) => refused(&metrics, peer, &e),
-                    Err(_) => {
-                        metrics.refused("handshake_timeout");
+                    Ok(Err(e)) => refused(&refusals, peer, &e),
+                    Err(_) => refusals.note("handshake_timeout", Some(peer), || {
                         warn!(%peer, "relay TLS handshake refused: not completed within 10 s");
-                    }
+                    }),
                 }
             });
         }
@@ -218,7 +217,7 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-fn refused(metrics: &Metrics, peer: SocketAddr, error: &io::Error) {
+fn refused(refusals: &Refusals, peer: SocketAddr, error: &io::Error) {
     let tls = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -238,11 +237,13 @@ fn refused(metrics: &Metrics, peer: SocketAddr, error: &io::Error) {
         Some(_) => "tls_handshake",
         // The client hung up or spoke something else than TLS.
         None => {
-            metrics.refused("tls_handshake");
-            debug!(%peer, error = %error, "relay connection closed during the TLS handshake");
+            refusals.note("tls_handshake", Some(peer), || {
+                debug!(%peer, error = %error, "relay connection closed during the TLS handshake");
+            });
             return;
         }
     };
-    metrics.refused(reason);
-    warn!(%peer, reason, error = %error, "relay TLS handshake refused");
+    refusals.note(reason, Some(peer), || {
+        warn!(%peer, reason, error = %error, "relay TLS handshake refused");
+    });
 }

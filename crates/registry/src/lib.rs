@@ -487,7 +487,7 @@ fn utf8(entry: &KvEntry) -> Result<&str, RegistryError> {
 
 impl Registry {
     /// A token record, checked against its key.
-    fn decode_token(&self, entry: &KvEntry) -> Result<TokenRecord, RegistryError> {
+    pub fn decode_token(&self, entry: &KvEntry) -> Result<TokenRecord, RegistryError> {
         let record = TokenRecord::from_json(utf8(entry)?).map_err(|e| match e {
             TokenError::Decode(m) => corrupt(entry, m),
             other => corrupt(entry, other.to_string()),

@@ -12,6 +12,8 @@
 //!   make-before-break, expiry and re-registration.
 //! - [`refusal`]: the relay's own error type ([`Refusal`]), turned into a gRPC status only at the
 //!   edge.
+//! - [`rate`]: per-address rate limits ([`AddressLimiter`]) and refusals logged as counts
+//!   ([`RefusalLog`]).
 //!
 //! The controller's side (hub, merger, replicas) is behind the default `controller` feature;
 //! `vmesh-agent` builds without it.
@@ -27,6 +29,8 @@ pub mod discovery;
 pub mod hub;
 #[cfg(feature = "controller")]
 pub mod merger;
+#[cfg(feature = "controller")]
+pub mod rate;
 pub mod refusal;
 #[cfg(feature = "controller")]
 pub mod replicas;
@@ -37,6 +41,8 @@ pub use discovery::{AgentDiscovery, ControllerDiscovery};
 pub use hub::{AgentSummary, HubState, Observation, Poll};
 #[cfg(feature = "controller")]
 pub use merger::{AgentIdentity, DiscoveryMerger, Refusal as InstanceRefusal};
+#[cfg(feature = "controller")]
+pub use rate::{AddressLimiter, Rate, RefusalLine, RefusalLog, RefusalSummary};
 pub use refusal::{Refusal, RefusalKind};
 #[cfg(feature = "controller")]
 pub use replicas::{DiscoveryRecord, RemoteView, SharedInstance};

@@ -18,6 +18,8 @@ pub enum RefusalKind {
     PermissionDenied,
     /// The controller cannot do it now (Consul unreachable); try again later.
     Unavailable,
+    /// Too many calls from the caller's address; try again later.
+    RateLimited,
 }
 
 /// A refusal: its kind, its reason (a metric label) and the caller's message.
@@ -63,6 +65,15 @@ impl Refusal {
             RefusalKind::PermissionDenied,
             "revoked",
             format!("agent {id} has been revoked"),
+        )
+    }
+
+    /// Too many registrations from one address.
+    pub fn rate_limited() -> Self {
+        Refusal::new(
+            RefusalKind::RateLimited,
+            "rate_limited",
+            "too many registrations from this address; try again in a few seconds",
         )
     }
 

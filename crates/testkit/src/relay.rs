@@ -290,6 +290,19 @@ fn endpoint(relay_addr: &str, tls: ClientTlsConfig, bind: IpAddr) -> Result<Endp
         .connect_timeout(Duration::from_secs(5)))
 }
 
+/// A connection to the relay at `relay_addr` (verified with `ca_pem`) from source address
+/// `bind`, without a client certificate: what registrations are sent on.
+pub async fn registration_channel(
+    relay_addr: &str,
+    ca_pem: &str,
+    bind: IpAddr,
+) -> Result<tonic::transport::Channel, String> {
+    endpoint(relay_addr, client_tls(ca_pem, None), bind)?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
 /// Registers node `node` of `dc` with the controller's relay at `relay_addr` (verified with
 /// `ca_pem`), from source address `bind`, with bootstrap `token`, for a key it generates. Returns
 /// the endpoint to connect with, carrying the issued certificate.
@@ -302,10 +315,7 @@ pub async fn register_agent(
     bind: IpAddr,
 ) -> Result<Endpoint, String> {
     let (key, csr) = vmesh_tls::new_key_and_csr().map_err(|e| e.to_string())?;
-    let channel = endpoint(relay_addr, client_tls(ca_pem, None), bind)?
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))?;
+    let channel = registration_channel(relay_addr, ca_pem, bind).await?;
     let issued = RegistrationClient::new(channel)
         .register(RegisterRequest {
             token: token.to_string(),

@@ -210,27 +210,26 @@ impl TokenStore {
         Ok((id, secret))
     }
 
-    /// Redeems a token for `node`: checks it in constant time, refuses it if revoked, expired,
-    /// exhausted or bound to another node, and counts one use down. Returns the token's info
-    /// after the redemption.
-    pub fn redeem(
-        &mut self,
+    /// Checks a token for `node` without using it: in constant time against every token, then
+    /// refused if revoked, expired, exhausted or bound to another node. Returns its id.
+    pub fn check(
+        &self,
         secret: &Secret,
         node: &str,
         now: SystemTime,
-    ) -> Result<TokenInfo, TokenError> {
+    ) -> Result<TokenId, TokenError> {
         let hash = sha256(secret.expose());
         // Compare against every token without stopping at a match.
         let mut found = None;
         for (id, rec) in &self.tokens {
             if bool::from(rec.hash.ct_eq(&hash)) {
-                found = Some(id.clone());
+                found = Some(id);
             }
         }
-        let rec = found
-            .and_then(|id| self.tokens.get_mut(&id))
-            .ok_or(TokenError::Unknown)?;
-        let info = &mut rec.info;
+        let info = &found
+            .and_then(|id| self.tokens.get(id))
+            .ok_or(TokenError::Unknown)?
+            .info;
         if info.revoked {
             return Err(TokenError::Revoked {
                 id: info.id.clone(),
@@ -258,6 +257,19 @@ impl TokenStore {
                 });
             }
         }
+        Ok(info.id.clone())
+    }
+
+    /// Redeems a token for `node`: [`TokenStore::check`], then counts one use down. Returns the
+    /// token's info after the redemption.
+    pub fn redeem(
+        &mut self,
+        secret: &Secret,
+        node: &str,
+        now: SystemTime,
+    ) -> Result<TokenInfo, TokenError> {
+        let id = self.check(secret, node, now)?;
+        let info = &mut self.tokens.get_mut(&id).ok_or(TokenError::Unknown)?.info;
         if let Some(uses) = &mut info.uses_left {
             *uses -= 1;
         }
@@ -392,6 +404,25 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn checking_a_token_does_not_use_it() {
+        let mut store = TokenStore::new();
+        let (id, secret) = store.create(None, Some(1), None, t(0)).expect("create");
+        for _ in 0..3 {
+            assert_eq!(store.check(&secret, "vm-1", t(1)), Ok(id.clone()));
+        }
+        assert_eq!(store.get(&id).unwrap().uses_left, Some(1));
+        store.redeem(&secret, "vm-1", t(1)).unwrap();
+        assert_eq!(
+            store.check(&secret, "vm-1", t(1)),
+            Err(TokenError::Exhausted { id })
+        );
+        assert_eq!(
+            store.check(&Secret::new("vmbt_nope"), "vm-1", t(1)),
+            Err(TokenError::Unknown)
+        );
     }
 
     #[test]

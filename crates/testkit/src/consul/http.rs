@@ -158,6 +158,14 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
     {
         let key = key.to_owned();
         return match method {
+            Method::GET if !q.has("index") => {
+                *sh.kv_reads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key.clone())
+                    .or_default() += 1;
+                kv_get(&sh, &key, &q, &authz).await
+            }
             Method::GET => kv_get(&sh, &key, &q, &authz).await,
             Method::PUT => kv_put(&sh, &key, &q, &authz, &parts.headers, body).await,
             Method::DELETE => kv_delete(&sh, &key, &q, &authz),

@@ -20,6 +20,7 @@ mod http;
 mod store;
 mod util;
 
+use std::collections::BTreeMap;
 use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,6 +91,9 @@ pub(crate) struct Shared {
     timers_changed: Notify,
     failing: AtomicBool,
     requests: AtomicU64,
+    /// KV reads that are not blocking queries (a watch's reads are not counted), by the key or
+    /// prefix asked for.
+    kv_reads: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -159,6 +163,7 @@ impl ConsulEmulator {
             timers_changed: Notify::new(),
             failing: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            kv_reads: Mutex::new(BTreeMap::new()),
         });
         let emu = ConsulEmulator {
             shared,
@@ -288,6 +293,19 @@ impl ConsulEmulator {
     /// How many HTTP requests it has received (including failed ones).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// How many KV reads asked for a key or prefix under `prefix`, blocking queries (watches)
+    /// left out: what a request handler costs Consul.
+    pub fn kv_reads_under(&self, prefix: &str) -> u64 {
+        self.shared
+            .kv_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// The current raft index (the last applied write).
@@ -461,6 +479,7 @@ pub async fn serve_standalone(
         timers_changed: Notify::new(),
         failing: AtomicBool::new(false),
         requests: AtomicU64::new(0),
+        kv_reads: Mutex::new(BTreeMap::new()),
     });
     let reaper = tokio::spawn(session_reaper(shared.clone()));
     let res = axum::serve(listener, router(shared))
