@@ -44,6 +44,23 @@ pub struct Args {
     #[arg(long, env = "VMESH_BIND_ADDR")]
     pub bind_addr: Option<IpAddr>,
 
+    /// Run for an edge gateway instead of a VM: obtain the client certificate the controller's
+    /// xDS port asks the gateway's Envoy for (proxy id PROXY; the token must be from `vmeshctl
+    /// token create --gateway PROXY`), renew it at half-life, and keep it in the data dir with
+    /// the files `vmeshctl bootstrap --xds-cert-dir <data-dir>` points Envoy at. No discovery.
+    #[arg(long, env = "VMESH_GATEWAY", value_name = "PROXY")]
+    pub gateway: Option<String>,
+
+    /// With --gateway: the datacenter in the gateway's identity [default: the local Consul
+    /// agent's].
+    #[arg(long, env = "VMESH_DATACENTER", requires = "gateway")]
+    pub datacenter: Option<String>,
+
+    /// With --gateway: make sure the data dir holds a certificate valid for at least half its
+    /// life (registering or renewing if not), then exit, e.g. before Envoy starts.
+    #[arg(long, requires = "gateway")]
+    pub once: bool,
+
     #[command(flatten)]
     pub consul: vmesh_consul::ConsulFlags,
 
@@ -62,6 +79,9 @@ impl std::fmt::Debug for Args {
             .field("data_dir", &self.data_dir)
             .field("poll_interval", &self.poll_interval)
             .field("bind_addr", &self.bind_addr)
+            .field("gateway", &self.gateway)
+            .field("datacenter", &self.datacenter)
+            .field("once", &self.once)
             .field("logging", &self.logging)
             .finish_non_exhaustive()
     }

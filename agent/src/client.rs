@@ -203,7 +203,7 @@ impl Relay {
                     spiffe_id = %c.identity.spiffe_id,
                     "the stored certificate is for another node; registering again"
                 );
-                self.register(&node, bind).await?
+                self.register(&node, None, bind).await?
             }
             Some(c) if c.is_expired(SystemTime::now()) => {
                 warn!(
@@ -211,7 +211,7 @@ impl Relay {
                     not_after = %humantime::format_rfc3339_seconds(c.not_after()),
                     "the stored certificate expired; registering again"
                 );
-                self.register(&node, bind).await?
+                self.register(&node, None, bind).await?
             }
             Some(c) => {
                 info!(
@@ -221,7 +221,7 @@ impl Relay {
                 );
                 c
             }
-            None => self.register(&node, bind).await?,
+            None => self.register(&node, None, bind).await?,
         };
         Ok((node, bind, creds))
     }
@@ -329,10 +329,12 @@ impl Relay {
         }
     }
 
-    /// Registers with the bootstrap token; retries what may pass later, fails on a refusal.
+    /// Registers with the bootstrap token (as this node's agent, or as the edge gateway
+    /// `gateway`); retries what may pass later, fails on a refusal.
     pub async fn register(
         &self,
         node: &NodeInfo,
+        gateway: Option<&str>,
         bind: Option<IpAddr>,
     ) -> anyhow::Result<Credentials> {
         let Some(token) = &self.token else {
@@ -351,6 +353,7 @@ impl Relay {
                 node: node.node.clone(),
                 datacenter: node.datacenter.clone(),
                 csr_der,
+                gateway: gateway.unwrap_or_default().to_owned(),
             };
             let error = match self.connect(&ca_pem, None, bind).await {
                 Err(e) => e,

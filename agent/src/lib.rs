@@ -8,6 +8,9 @@
 //! supervisor: if either ends or panics, the agent exits non-zero and its supervisor (Nomad,
 //! systemd) restarts it.
 //!
+//! With `--gateway`, the agent instead keeps the client certificate of an edge gateway's Envoy
+//! ([`gateway`]).
+//!
 //! The binary is `main.rs`; everything is callable from tests through [`run`].
 #![forbid(unsafe_code)]
 
@@ -15,6 +18,7 @@ pub mod args;
 pub mod client;
 pub mod datadir;
 pub mod discovery;
+pub mod gateway;
 pub mod session;
 
 use std::future::Future;
@@ -39,6 +43,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// (e.g. the controller refused the bootstrap token, or no token and no valid certificate) or a
 /// task died: the binary exits with status 1.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if let Some(proxy) = args.gateway.clone() {
+        return gateway::run(client::Relay::new(args)?, proxy, shutdown).await;
+    }
     let relay = client::Relay::new(args)?;
     tokio::pin!(shutdown);
     let (node, bind, creds) = tokio::select! {

@@ -126,7 +126,7 @@ pub async fn run(
                 }
                 Action::Register => {
                     creds = tokio::select! {
-                        registered = relay.register(&node, bind) => registered?,
+                        registered = relay.register(&node, None, bind) => registered?,
                         () = shutdown.requested() => return Ok(()),
                     };
                     session.on_registered(

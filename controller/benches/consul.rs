@@ -284,6 +284,7 @@ impl Controller {
             xds_addr: self.process.xds_addr(),
             protocol: Protocol::Delta,
             admin_port: 0,
+            xds_cert_dir: None,
         })
         .unwrap_or_else(|e| fail(&format!("render the bootstrap: {e}")));
         let envoy = Envoy::start(&bootstrap, PROXY);

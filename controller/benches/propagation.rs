@@ -188,6 +188,7 @@ impl Controller {
             xds_addr: self.process.xds_addr(),
             protocol,
             admin_port: 0,
+            xds_cert_dir: None,
         })
         .unwrap_or_else(|e| fail(&format!("render the bootstrap: {e}")));
         let envoy = Envoy::start(&bootstrap, PROXY);

@@ -193,6 +193,7 @@ fn main() {
                                     node: format!("bench-{}", first + i),
                                     datacenter: "dc1".into(),
                                     csr_der: if real_csr { csr.clone() } else { b"garbage".to_vec() },
+                                    ..Default::default()
                                 };
                                 async move { client.register(request).await.err().map(|s| s.code()) }
                             })

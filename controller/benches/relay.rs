@@ -316,19 +316,29 @@ impl Controller {
     }
 
     /// Creates a bootstrap token with unlimited uses and no expiry in the registry the
-    /// controller reads, as `vmeshctl token create` does. Returns the secret.
-    fn create_token(consul: &ConsulEmulator, rt: &tokio::runtime::Runtime) -> String {
+    /// controller reads, as `vmeshctl token create` does (`--gateway` with `gateway`). Returns
+    /// the secret.
+    fn create_token(
+        consul: &ConsulEmulator,
+        rt: &tokio::runtime::Runtime,
+        gateway: Option<&str>,
+    ) -> String {
         let config = vmesh_consul::ConsulConfig::from_env(vmesh_consul::ConsulEnv {
             http_addr: Some(consul.url()),
             ..Default::default()
         })
         .unwrap_or_else(|e| fail(&format!("consul config: {e}")));
-        let client = vmesh_consul::Client::new(&config)
+        let client = rt
+            .block_on(async { vmesh_consul::Client::new(&config) })
             .unwrap_or_else(|e| fail(&format!("consul client: {e}")));
         let registry = vmesh_registry::Registry::new(client, "vmesh");
-        let (_, secret) = rt
-            .block_on(registry.create_token(None, None, None, SystemTime::now()))
-            .unwrap_or_else(|e| fail(&format!("create a bootstrap token: {e}")));
+        let now = SystemTime::now();
+        let created = match gateway {
+            Some(g) => rt.block_on(registry.create_gateway_token(None, None, g.to_owned(), now)),
+            None => rt.block_on(registry.create_token(None, None, None, now)),
+        };
+        let (_, secret) =
+            created.unwrap_or_else(|e| fail(&format!("create a bootstrap token: {e}")));
         secret.expose().to_owned()
     }
 }
@@ -497,7 +507,7 @@ fn fleet_bench(n: usize) {
     );
     let mut controller = Controller::start("fleet", &consul.url());
     let rt = runtime();
-    let token = Arc::new(Controller::create_token(&consul, &rt));
+    let token = Arc::new(Controller::create_token(&consul, &rt, None));
     std::thread::sleep(Duration::from_secs(2));
     let pid = controller.pid();
     let rss_before = proc_status_kib(pid, "VmRSS");
@@ -760,23 +770,57 @@ impl VmBench {
             "kind: VirtualService\nname: web\nspec:\n  domains: [\"*\"]\n  routes:\n    - upstream: web\n",
         );
         let controller = Controller::start("vm", &consul.url());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
+        let dir = controller.process.dir().join("vms");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+        // The edge gateway's certificate for the (mutual TLS) xDS port, as an operator gets it.
+        let gateway_token = Controller::create_token(&consul, &rt, Some(PROXY));
+        let certs = dir.join("gateway-certs");
+        let args: Vec<String> = [
+            "--gateway",
+            PROXY,
+            "--datacenter",
+            "dc1",
+            "--relay-addr",
+            &controller.relay_addr(),
+            "--ca-file",
+            &controller.ca_file().display().to_string(),
+            "--data-dir",
+            &certs.display().to_string(),
+            "--once",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let env = [("VMESH_AGENT_TOKEN".to_string(), gateway_token)];
+        let mut once = AgentProcess::start(
+            agent_binary,
+            "gateway",
+            &args,
+            &env,
+            &dir.join("gateway-agent.log"),
+        );
+        if !once.wait_exit(STARTUP).success() {
+            fail(&format!(
+                "vmesh-agent --gateway --once failed:\n{}",
+                once.log()
+            ));
+        }
         let bootstrap = render(&BootstrapArgs {
             proxy: PROXY.to_string(),
             cluster: None,
             xds_addr: controller.process.xds_addr(),
             protocol: Protocol::Delta,
             admin_port: 0,
+            xds_cert_dir: Some(certs),
         })
         .unwrap_or_else(|e| fail(&format!("render the bootstrap: {e}")));
         let envoy = Envoy::start(&bootstrap, PROXY);
         envoy.wait_ready(STARTUP);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
-        let token = Controller::create_token(&consul, &rt);
-        let dir = controller.process.dir().join("vms");
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+        let token = Controller::create_token(&consul, &rt, None);
         VmBench {
             agent_binary: agent_binary.to_owned(),
             _consul: consul,

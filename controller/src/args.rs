@@ -34,6 +34,12 @@ pub struct Args {
     #[arg(long, env = "VMESH_XDS_ADDR", default_value = "127.0.0.1:18000")]
     pub xds_addr: SocketAddr,
 
+    /// Serve xDS plaintext and unauthenticated even where it could be authenticated (the relay
+    /// is on) or off loopback. Anyone who reaches the port can then read any proxy's config and
+    /// acknowledge or reject config for it; the controller warns at start.
+    #[arg(long, env = "VMESH_XDS_INSECURE")]
+    pub xds_insecure: bool,
+
     /// Address of the admin HTTP endpoint: /healthz, /readyz, /metrics, /status, /config_dump.
     #[arg(long, env = "VMESH_ADMIN_ADDR", default_value = "127.0.0.1:19000")]
     pub admin_addr: SocketAddr,

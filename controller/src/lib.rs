@@ -11,10 +11,13 @@ mod index;
 mod leader;
 mod listener;
 mod metrics;
+mod refusals;
 mod relay;
 mod source;
 mod status;
 mod status_kv;
+mod tls;
+mod xds_access;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 use vmesh_layout::Layout;
 use vmesh_runtime::Supervisor;
+use vmesh_tls::CertificateAuthority;
 use vmesh_xds::server::{AdsServer, Connections};
 
 use crate::args::{Args, SourceChoice};
@@ -70,6 +74,9 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
     let connections = Arc::new(Connections::default());
     let nacks = Arc::new(status::NackLog::default());
     let mut agents = None;
+    // The mesh CA and the controller's server certificate (for the relay and the xDS port),
+    // when the relay is on.
+    let mut mesh: Option<(Arc<dyn CertificateAuthority>, Arc<tls::ServerCert>)> = None;
     match args.source() {
         SourceChoice::Dir(dir) => {
             if args.relay_addr.is_some() {
@@ -97,11 +104,25 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
             let (leader_tx, leader) = watch::channel(false);
             let (session_tx, session) = watch::channel(None);
             if let Some(addr) = args.relay_addr {
+                let ca: Arc<dyn CertificateAuthority> = Arc::new(tls::load_ca(
+                    args.ca_cert.as_deref(),
+                    args.ca_key.as_deref(),
+                    args.data_dir.as_deref(),
+                    &args.trust_domain,
+                )?);
+                let server_cert = Arc::new(
+                    tls::ServerCert::issue(ca.as_ref(), &[], args.agent_cert_ttl)
+                        .context("cannot issue the controller's server certificate")?,
+                );
+                tasks.spawn(
+                    "server-certificate",
+                    server_cert
+                        .clone()
+                        .keep_renewed(ca.clone(), tasks.shutdown()),
+                );
+                mesh = Some((ca.clone(), server_cert.clone()));
                 let settings = relay::RelaySettings {
                     addr,
-                    data_dir: args.data_dir.clone(),
-                    ca_cert: args.ca_cert.clone(),
-                    ca_key: args.ca_key.clone(),
                     trust_domain: args.trust_domain.clone(),
                     agent_cert_ttl: args.agent_cert_ttl,
                     grace: args.discovery_grace,
@@ -120,6 +141,8 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                 };
                 let relay = relay::Relay::start(
                     settings,
+                    ca,
+                    server_cert,
                     vmesh_registry::Registry::new(client.clone(), layout.prefix()),
                     replica,
                     metrics.clone(),
@@ -130,7 +153,6 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                 .await?;
                 let t = relay.tasks;
                 tasks.spawn("relay", t.server);
-                tasks.spawn("relay-certificate", t.certificate);
                 tasks.spawn("revocations", t.revocations);
                 tasks.spawn("tokens", t.tokens);
                 tasks.spawn("relay-refusals", t.refusals);
@@ -174,7 +196,7 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
         nacks: nacks.clone(),
         published: published.clone(),
     });
-    let ads = AdsServer::new(snapshots, connections.clone(), observer);
+    let security = xds_access::choose(args.xds_addr, mesh.is_some(), args.xds_insecure)?;
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("cannot listen for xDS on {}", args.xds_addr))?;
@@ -184,19 +206,49 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
         "xds",
     );
     info!(addr = %xds_acceptor.local_addr()?, "xDS server listening");
-    let xds = args
+    // Every connection is accepted with TCP_NODELAY: without it a large push (a route
+    // configuration with hundreds of virtual hosts) waits about 40 ms for the proxy's delayed
+    // ACK.
+    let mut xds_server = args
         .grpc_limits()
         .server()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(
-            ads.service()
-                .max_decoding_message_size(args.max_message_bytes),
-        )
-        // Every connection is accepted with TCP_NODELAY: without it a large push (a route
-        // configuration with hundreds of virtual hosts) waits about 40 ms for the proxy's
-        // delayed ACK.
-        .serve_with_incoming_shutdown(listener::incoming(xds_acceptor), tasks.shutdown().wait());
-    tasks.spawn("xds", async move { Ok(xds.await?) });
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    let shutdown = tasks.shutdown();
+    match (security, &mesh) {
+        (xds_access::XdsSecurity::MutualTls, Some((ca, server_cert))) => {
+            let refusals = refusals::Refusals::new("xds", metrics.xds_refused.clone());
+            tasks.spawn("xds-refusals", refusals.clone().summarize(tasks.shutdown()));
+            let authorizer = Arc::new(xds_access::GatewayAuthorizer {
+                trust_domain: args.trust_domain.clone(),
+                refusals: refusals.clone(),
+            });
+            let ads =
+                AdsServer::with_authorizer(snapshots, connections.clone(), observer, authorizer);
+            let config = tls::server_config(
+                server_cert.clone(),
+                &ca.trust_bundle_pem(),
+                tls::ClientCert::Required,
+            )?;
+            let incoming = tls::incoming(xds_acceptor, config, refusals);
+            let xds = xds_server
+                .add_service(
+                    ads.service()
+                        .max_decoding_message_size(args.max_message_bytes),
+                )
+                .serve_with_incoming_shutdown(incoming, shutdown.wait());
+            tasks.spawn("xds", async move { Ok(xds.await?) });
+        }
+        _ => {
+            let ads = AdsServer::new(snapshots, connections.clone(), observer);
+            let xds = xds_server
+                .add_service(
+                    ads.service()
+                        .max_decoding_message_size(args.max_message_bytes),
+                )
+                .serve_with_incoming_shutdown(listener::incoming(xds_acceptor), shutdown.wait());
+            tasks.spawn("xds", async move { Ok(xds.await?) });
+        }
+    }
 
     // Admin endpoint.
     let admin_listener = listener::Acceptor::new(

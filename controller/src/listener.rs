@@ -81,6 +81,8 @@ pub struct Guarded<T> {
     _permit: OwnedSemaphorePermit,
     /// Until the first byte is read.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// When the connection ends, if it has an end (its client certificate's expiry).
+    lifetime: Option<Pin<Box<Sleep>>>,
     /// How long a write may wait for the client to read, when bounded.
     write_stall: Option<Duration>,
     /// Since when a write has been waiting.
@@ -93,9 +95,19 @@ impl<T> Guarded<T> {
             inner,
             _permit: permit,
             deadline: Some(Box::pin(tokio::time::sleep(first_bytes))),
+            lifetime: None,
             write_stall: None,
             stalled: None,
         }
+    }
+
+    /// Ends the connection (reads fail) after `lifetime`: a connection lives no longer than
+    /// the client certificate it was opened with, so the client opens a new one with its
+    /// renewed certificate (HTTP/2 clients otherwise keep one connection, and its handshake's
+    /// certificate, for ever).
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = Some(Box::pin(tokio::time::sleep(lifetime)));
+        self
     }
 
     /// Closes the connection (with an error) when a write waits longer than `limit` for the
@@ -136,6 +148,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(lifetime) = self.lifetime.as_mut() {
+            if lifetime.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client certificate of this connection expired",
+                )));
+            }
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Some(deadline) = self.deadline.as_mut() {

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub source_up: Gauge,
     pub source_errors: Counter,
     pub relay_refused: Family<ReasonLabel, Counter>,
+    pub xds_refused: Family<ReasonLabel, Counter>,
     pub relay_registrations: Counter,
     pub relay_renewals: Counter,
     pub relay_agents_connected: Gauge,
@@ -71,6 +72,7 @@ impl Metrics {
             source_up: Gauge::default(),
             source_errors: Counter::default(),
             relay_refused: Family::default(),
+            xds_refused: Family::default(),
             relay_registrations: Counter::default(),
             relay_renewals: Counter::default(),
             relay_agents_connected: Gauge::default(),
@@ -130,6 +132,11 @@ impl Metrics {
             "relay_refused",
             "Relay handshakes, registrations, renewals and streams refused, by reason",
             m.relay_refused.clone(),
+        );
+        r.register(
+            "xds_refused",
+            "xDS handshakes and streams refused (no or a foreign certificate, a node id that is not the certificate's proxy), by reason",
+            m.xds_refused.clone(),
         );
         r.register(
             "relay_registrations",

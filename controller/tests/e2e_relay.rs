@@ -146,7 +146,7 @@ fn three_vms_register_change_health_and_deregister_through_a_real_envoy() {
     for web in &mut vms {
         web.vm.start_agent(&relay, &token, &[]);
     }
-    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-1", "web@vm-2", "web@vm-3"]);
     assert!(relay.metric("vmesh_relay_registrations_total", "") >= 3.0);
 
@@ -187,7 +187,7 @@ fn a_killed_agent_keeps_its_endpoints_through_the_grace_period_then_loses_them()
     for web in &mut vms {
         web.vm.start_agent(&relay, &token, &[]);
     }
-    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-21", "web@vm-22"]);
 
     vms[0].vm.kill_agent();
@@ -231,7 +231,7 @@ fn a_restarted_controller_resyncs_the_agents_and_envoy_never_loses_endpoints() {
     for web in &mut vms {
         web.vm.start_agent(&relay, &token, &[]);
     }
-    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-31", "web@vm-32"]);
 
     let traffic = Traffic::start(port);
@@ -269,7 +269,7 @@ fn certificate_renewal_drops_no_stream_and_no_request() {
     let token = create_token(&consul, None, Some(1), None);
     let mut web = WebVm::new(41);
     web.vm.start_agent(&relay, &token, &[]);
-    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-41"]);
 
     let traffic = Traffic::start(port);
@@ -316,7 +316,7 @@ fn a_revoked_agent_is_cut_off_and_its_endpoints_go_at_once() {
     let echo = vm.echo("web@vm-95");
     vm.register(ServiceRegistration::new("web", echo.port()));
     vm.start_agent(&relay, &token, &[]);
-    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_served_by(port, "/", &[], "web@vm-95");
 
     // `vmeshctl agent revoke vm-95`
@@ -375,7 +375,7 @@ fn replicas_share_discovery_and_keep_a_dead_replicas_agents_for_the_grace_period
     let token = create_token(&consul, None, None, None);
     let mut web = WebVm::new(51);
     web.vm.start_agent(&a, &token, &[]);
-    let _envoy = b.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = b.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-51"]);
 
     // Changes reported to A reach B's proxies.
@@ -418,7 +418,7 @@ fn a_restarting_local_consul_agent_or_vmesh_agent_loses_no_endpoint() {
     let token = create_token(&consul, None, Some(1), None);
     let mut web = WebVm::new(61);
     web.vm.start_agent(&relay, &token, &[]);
-    let _envoy = relay.controller.envoy(PROXY, Protocol::Delta);
+    let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-61"]);
 
     // The VM's Consul agent goes down: the vmesh agent keeps reporting what it last read.

@@ -2,11 +2,12 @@
 //! client certificate), renew, and stream the services of their VM. The rules are in
 //! `vmesh-relay` (no IO); these modules move bytes:
 //!
-//! - `tls`: the listener's certificate (from the mesh CA, renewed at half-life) and handshakes.
 //! - `registration`: who may call, registration and renewal, on the registry and the CA.
 //! - `tokens`: the bootstrap tokens, watched, so a bad token costs no Consul read.
-//! - `refusals`: every refusal counted, logged once per reason and window, summed up after;
-//!   registrations limited per source address.
+//!
+//! The listener's TLS (the controller's server certificate, handshakes) is the crate's `tls`,
+//! shared with the xDS port; refusals are counted and logged by the crate's `refusals`, and
+//! registrations limited per source address here.
 //! - `service`: the `Registration` and `Relay` gRPC services (the only place that knows tonic).
 //! - `hub`: the shell around `HubState`: streams, the deny list, the catalog published to the
 //!   index.
@@ -21,19 +22,16 @@
 
 mod hub;
 mod records;
-mod refusals;
 mod registration;
 mod replicas;
 mod revocations;
 mod service;
-mod tls;
 mod tokens;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -43,12 +41,15 @@ use vmesh_layout::{unix_secs, Layout};
 use vmesh_proto::v1::registration_server::RegistrationServer;
 use vmesh_proto::v1::relay_server::RelayServer;
 use vmesh_registry::Registry;
+use vmesh_relay::AddressLimiter;
 use vmesh_relay::HubState;
 use vmesh_runtime::{Readiness, Shutdown};
-use vmesh_tls::{BuiltinCa, CertificateAuthority, SpiffeId};
+use vmesh_tls::{CertificateAuthority, SpiffeId};
 
 use crate::metrics::Metrics;
+use crate::refusals::Refusals;
 use crate::source::SourceEvent;
+use crate::tls::{self, ClientCert, ServerCert};
 
 pub use hub::Hub;
 
@@ -64,9 +65,6 @@ pub const MAX_REGISTRATION_BYTES: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
     pub addr: SocketAddr,
-    pub data_dir: Option<PathBuf>,
-    pub ca_cert: Option<PathBuf>,
-    pub ca_key: Option<PathBuf>,
     pub trust_domain: String,
     pub agent_cert_ttl: Duration,
     pub grace: Duration,
@@ -76,31 +74,6 @@ pub struct RelaySettings {
     pub grpc: crate::listener::GrpcLimits,
     /// Registrations allowed per source address.
     pub registrations: vmesh_relay::Rate,
-}
-
-impl RelaySettings {
-    fn load_ca(&self) -> anyhow::Result<BuiltinCa> {
-        match (&self.ca_cert, &self.ca_key, &self.data_dir) {
-            (Some(cert), Some(key), _) => {
-                let cert_pem = std::fs::read_to_string(cert)
-                    .with_context(|| format!("--ca-cert {}", cert.display()))?;
-                let key_pem = std::fs::read_to_string(key)
-                    .with_context(|| format!("--ca-key {}", key.display()))?;
-                BuiltinCa::from_pem(&cert_pem, &key_pem, &self.trust_domain)
-                    .context("--ca-cert/--ca-key")
-            }
-            (_, _, Some(dir)) => {
-                let dir = dir.join("ca");
-                let ca = BuiltinCa::load_or_create(&dir, &self.trust_domain)
-                    .with_context(|| format!("built-in CA in {}", dir.display()))?;
-                info!(dir = %dir.display(), "using the built-in CA");
-                Ok(ca)
-            }
-            _ => anyhow::bail!(
-                "--relay-addr needs a CA: --data-dir (the built-in CA keeps its key there) or --ca-cert and --ca-key"
-            ),
-        }
-    }
 }
 
 /// This replica, for sharing discovery: its `--id`, its KV layout and its session.
@@ -117,8 +90,6 @@ pub type Task = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 pub struct RelayTasks {
     /// `relay`: the gRPC server on the listener.
     pub server: Task,
-    /// `relay-certificate`: the listener's certificate, renewed at half-life.
-    pub certificate: Task,
     /// `revocations`: the deny list, watched.
     pub revocations: Task,
     /// `tokens`: the bootstrap tokens, watched.
@@ -140,12 +111,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Loads the CA, binds the listener, and reads the revocations (so a revoked agent is never
-    /// served, even right after a start) and the registered agents (whom the first catalog
-    /// waits for).
+    /// Binds the listener (serving `server_cert`, issued by `ca`), and reads the revocations
+    /// (so a revoked agent is never served, even right after a start) and the registered agents
+    /// (whom the first catalog waits for).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: RelaySettings,
+        ca: Arc<dyn CertificateAuthority>,
+        server_cert: Arc<ServerCert>,
         registry: Registry,
         replica: Replica,
         metrics: Arc<Metrics>,
@@ -153,12 +126,7 @@ impl Relay {
         readiness: &Readiness,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Relay> {
-        let ca: Arc<dyn CertificateAuthority> = Arc::new(settings.load_ca()?);
-        let server_cert = Arc::new(
-            tls::ServerCert::issue(ca.as_ref(), &[], settings.agent_cert_ttl)
-                .context("cannot issue the relay's server certificate")?,
-        );
-        let config = tls::server_config(server_cert.clone(), &ca.trust_bundle_pem())?;
+        let config = tls::server_config(server_cert, &ca.trust_bundle_pem(), ClientCert::Optional)?;
 
         let state = HubState::new(&replica.id, settings.grace, settings.warmup);
         let hub = Arc::new(Hub::new(state, metrics.clone()));
@@ -193,11 +161,7 @@ impl Relay {
             .with_context(|| format!("cannot listen for the relay on {}", settings.addr))?;
         let acceptor = crate::listener::Acceptor::new(listener, settings.limits, "relay");
         info!(addr = %acceptor.local_addr()?, trust_domain = %settings.trust_domain, "relay listening");
-        let refusals = refusals::Refusals::new(
-            metrics.clone(),
-            settings.registrations,
-            settings.limits.max_connections,
-        );
+        let refusals = Refusals::new("relay", metrics.relay_refused.clone());
         let incoming = tls::incoming(acceptor, config, refusals.clone());
         let tokens = tokens::Tokens::new();
         let state = Arc::new(service::RelayState {
@@ -212,6 +176,10 @@ impl Relay {
             },
             metrics,
             refusals: refusals.clone(),
+            registrations: Mutex::new(AddressLimiter::new(
+                settings.registrations,
+                settings.limits.max_connections,
+            )),
         });
         let max_message = settings.grpc.max_message_bytes;
         let server = settings
@@ -232,7 +200,6 @@ impl Relay {
         let client = registry.client().clone();
         let tasks = RelayTasks {
             server: Box::pin(async move { Ok(server.await?) }),
-            certificate: Box::pin(server_cert.keep_renewed(ca, shutdown.clone())),
             tokens: Box::pin(tokens::watch(
                 registry.clone(),
                 tokens,

@@ -22,7 +22,7 @@ use vmesh_layout::unix_secs;
 use vmesh_proto::v1::IssuedCertificate;
 use vmesh_registry::{AgentRecord, Registry, RegistryError};
 use vmesh_relay::{Refusal, RefusalKind};
-use vmesh_tls::tokens::{Secret, TokenError, TokenId};
+use vmesh_tls::tokens::{Registrant, Secret, TokenError, TokenId};
 use vmesh_tls::{certificate_not_after, certificate_serial, CertificateAuthority, SpiffeId};
 
 use super::hub::Hub;
@@ -67,6 +67,9 @@ fn token_refusal(e: &TokenError) -> Refusal {
         TokenError::Expired { .. } => "token_expired",
         TokenError::Exhausted { .. } => "token_exhausted",
         TokenError::WrongNode { .. } => "token_wrong_node",
+        TokenError::ForGateway { .. }
+        | TokenError::NotForGateway { .. }
+        | TokenError::WrongGateway { .. } => "token_wrong_scope",
         _ => "token_invalid",
     };
     Refusal::new(RefusalKind::PermissionDenied, reason, e.to_string())
@@ -94,9 +97,9 @@ impl Registrar {
             )
         };
         let id = SpiffeId::from_certificate_der(leaf).map_err(|e| bad(e.to_string()))?;
-        if !id.is_agent() || id.trust_domain() != self.trust_domain {
+        if !(id.is_agent() || id.is_gateway()) || id.trust_domain() != self.trust_domain {
             return Err(bad(format!(
-                "{id} is not an agent of trust domain {}",
+                "{id} is not an agent or gateway of trust domain {}",
                 self.trust_domain
             )));
         }
@@ -123,20 +126,34 @@ impl Registrar {
 
     /// Registers node `node` of `datacenter` from `address` with bootstrap token `token` and a
     /// CSR for the key it generated.
+    #[allow(clippy::too_many_arguments)]
     pub async fn register(
         &self,
         node: &str,
+        gateway: Option<&str>,
         datacenter: &str,
         token: String,
         csr_der: &[u8],
         address: IpAddr,
         now: SystemTime,
     ) -> Result<Registered, Refusal> {
-        let id = SpiffeId::agent(&self.trust_domain, datacenter, node).map_err(|e| {
+        let (id, registrant) = match gateway {
+            None => (
+                SpiffeId::agent(&self.trust_domain, datacenter, node),
+                Registrant::Agent(node),
+            ),
+            Some(proxy) => (
+                SpiffeId::gateway(&self.trust_domain, datacenter, proxy),
+                Registrant::Gateway(proxy),
+            ),
+        };
+        let id = id.map_err(|e| {
+            let who =
+                gateway.map_or_else(|| format!("node {node:?}"), |p| format!("gateway {p:?}"));
             Refusal::new(
                 RefusalKind::InvalidArgument,
                 "bad_request",
-                format!("node {node:?} / datacenter {datacenter:?}: {e}"),
+                format!("{who} / datacenter {datacenter:?}: {e}"),
             )
         })?;
         if self.hub.is_revoked(&id, "") {
@@ -153,10 +170,16 @@ impl Registrar {
         })?;
         let secret = Secret::new(token);
         self.tokens
-            .precheck(&secret, node, now)
+            .precheck(&secret, registrant, now)
             .await
             .map_err(|e| token_refusal(&e))?;
-        match self.registry.agent(&id).await {
+        // An agent holds one registration at a time; a gateway's proxy id may be served by
+        // several Envoys, each with its own certificate.
+        let current = match gateway {
+            Some(_) => Ok(None),
+            None => self.registry.agent(&id).await,
+        };
+        match current {
             Ok(Some(record)) if record.not_after_unix > unix_secs(now) => {
                 return Err(Refusal::new(
                     RefusalKind::PermissionDenied,
@@ -171,7 +194,7 @@ impl Registrar {
             Ok(_) => {}
             Err(e) => return Err(unavailable(&e)),
         }
-        let token = match self.registry.redeem(&secret, node, now).await {
+        let token = match self.registry.redeem(&secret, registrant, now).await {
             Ok(info) => info,
             Err(RegistryError::Token(e)) => return Err(token_refusal(&e)),
             Err(e) => return Err(unavailable(&e)),
@@ -189,10 +212,12 @@ impl Registrar {
             .iter()
             .any(|t| t.id == token.id && t.revoked);
         if revoked_meanwhile {
-            self.registry
-                .revoke_agent(&id, "its bootstrap token was revoked", now)
-                .await
-                .map_err(|e| unavailable(&e))?;
+            if id.is_agent() {
+                self.registry
+                    .revoke_agent(&id, "its bootstrap token was revoked", now)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+            }
             return Err(Refusal::new(
                 RefusalKind::PermissionDenied,
                 "token_revoked",

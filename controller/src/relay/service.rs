@@ -6,8 +6,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -21,12 +21,12 @@ use vmesh_proto::v1::relay_server::Relay;
 use vmesh_proto::v1::{
     AgentMessage, ControllerMessage, RegisterRequest, RegisterResponse, RenewRequest, RenewResponse,
 };
-use vmesh_relay::{Refusal, RefusalKind};
+use vmesh_relay::{AddressLimiter, Refusal, RefusalKind};
 
 use super::hub::Hub;
-use super::refusals::Refusals;
 use super::registration::Registrar;
 use crate::metrics::Metrics;
+use crate::refusals::Refusals;
 
 /// The gRPC status of a refusal.
 pub fn to_status(refusal: &Refusal) -> Status {
@@ -46,6 +46,8 @@ pub struct RelayState {
     pub registrar: Registrar,
     pub metrics: Arc<Metrics>,
     pub refusals: Arc<Refusals>,
+    /// Registrations allowed per source address.
+    pub registrations: Mutex<AddressLimiter>,
 }
 
 /// The peer of a call: its address and, if it presented one, its verified certificate chain.
@@ -104,7 +106,12 @@ impl Registration for RegistrationService {
         let peer = Peer::of(&request);
         let address = peer.ip()?;
         // Before anything else: a flood from one address costs a lookup per call.
-        if !state.refusals.allow_registration(address) {
+        let allowed = state
+            .registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(address, Instant::now());
+        if !allowed {
             return Err(state.refuse(&peer, Refusal::rate_limited()));
         }
         let req = request.into_inner();
@@ -112,6 +119,7 @@ impl Registration for RegistrationService {
             .registrar
             .register(
                 &req.node,
+                (!req.gateway.is_empty()).then_some(req.gateway.as_str()),
                 &req.datacenter,
                 req.token,
                 &req.csr_der,
@@ -121,7 +129,11 @@ impl Registration for RegistrationService {
             .await
             .map_err(|refusal| state.refuse(&peer, refusal))?;
         state.metrics.relay_registrations.inc();
-        info!(agent = %registered.id, token = %registered.token, peer = %peer.describe(), "agent registered");
+        if registered.id.is_gateway() {
+            info!(gateway = %registered.id, node = %req.node, token = %registered.token, peer = %peer.describe(), "gateway registered");
+        } else {
+            info!(agent = %registered.id, token = %registered.token, peer = %peer.describe(), "agent registered");
+        }
         Ok(Response::new(RegisterResponse {
             certificate: Some(registered.certificate),
         }))
@@ -171,6 +183,14 @@ impl Relay for RelayService {
             .registrar
             .authenticate(peer.leaf.as_deref(), SystemTime::now())
             .map_err(|r| state.refuse(&peer, r))?;
+        if !agent.id.is_agent() {
+            let refusal = Refusal::new(
+                RefusalKind::PermissionDenied,
+                "bad_certificate",
+                format!("{} is not an agent: only agents stream discovery", agent.id),
+            );
+            return Err(state.refuse(&peer, refusal));
+        }
         let address = peer.ip()?;
         let attached = state
             .hub

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use vmesh_registry::Registry;
 use vmesh_runtime::{Component, Shutdown};
-use vmesh_tls::tokens::{Secret, TokenError, TokenStore};
+use vmesh_tls::tokens::{Registrant, Secret, TokenError, TokenStore};
 
 use super::records::WatchedRecords;
 
@@ -37,18 +37,18 @@ impl Tokens {
         self.current.send_replace(Some(Arc::new(store)));
     }
 
-    /// Refuses a token the copy says cannot be redeemed for `node` at `now`. Passes it when it
+    /// Refuses a token the copy says cannot be redeemed for `who` at `now`. Passes it when it
     /// may be (Consul decides) or when the copy has not been read yet.
     pub async fn precheck(
         &self,
         secret: &Secret,
-        node: &str,
+        who: Registrant<'_>,
         now: SystemTime,
     ) -> Result<(), TokenError> {
         let mut current = self.current.subscribe();
         let checked = match current.borrow_and_update().as_deref() {
             None => return Ok(()),
-            Some(store) => store.check(secret, node, now),
+            Some(store) => store.check(secret, who, now),
         };
         match checked {
             Ok(_) => Ok(()),
@@ -62,7 +62,7 @@ impl Tokens {
                 }
                 match current.borrow().as_deref() {
                     None => Ok(()),
-                    Some(store) => store.check(secret, node, now).map(|_| ()),
+                    Some(store) => store.check(secret, who, now).map(|_| ()),
                 }
             }
             Err(e) => Err(e),
@@ -101,7 +101,7 @@ mod tests {
         let now = SystemTime::now();
         let unknown = Secret::new("vmbt_unknown");
         // Not read yet: Consul decides.
-        assert_eq!(tokens.precheck(&unknown, "vm-1", now).await, Ok(()));
+        assert_eq!(tokens.precheck(&unknown, "vm-1".into(), now).await, Ok(()));
 
         let mut store = TokenStore::new();
         tokens.set(store.clone());
@@ -115,18 +115,18 @@ mod tests {
                 tokens.set(store);
             })
         };
-        assert_eq!(tokens.precheck(&secret, "vm-1", now).await, Ok(()));
+        assert_eq!(tokens.precheck(&secret, "vm-1".into(), now).await, Ok(()));
         later.await.unwrap();
         // An unknown secret waits for a change that never comes, then is refused.
         assert_eq!(
-            tokens.precheck(&unknown, "vm-1", now).await,
+            tokens.precheck(&unknown, "vm-1".into(), now).await,
             Err(TokenError::Unknown)
         );
         // Known to be used up: refused at once.
         store.redeem(&secret, "vm-1", now).unwrap();
         tokens.set(store);
         assert!(matches!(
-            tokens.precheck(&secret, "vm-1", now).await,
+            tokens.precheck(&secret, "vm-1".into(), now).await,
             Err(TokenError::Exhausted { .. })
         ));
     }

@@ -126,6 +126,7 @@ impl Controller {
             xds_addr: self.process.xds_addr(),
             protocol,
             admin_port: 0,
+            xds_cert_dir: None,
         })
         .expect("bootstrap");
         let envoy = Envoy::start(&bootstrap, proxy);

@@ -6,9 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use tonic::transport::Channel;
+use vmesh_proto::v1::registration_client::RegistrationClient;
+use vmesh_proto::v1::RegisterRequest;
 use vmesh_testkit::consul::{ConsulEmulator, ConsulOptions, ServiceRegistration};
 use vmesh_testkit::process::AgentProcess;
-use vmesh_testkit::{eventually, free_port, EchoServer};
+use vmesh_testkit::{eventually, free_port, EchoServer, Envoy};
+use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
 
 use super::{Controller, DEADLINE};
 
@@ -19,6 +23,8 @@ pub struct RelayController {
     pub relay_port: u16,
     /// The controller's `--data-dir` (its built-in CA is in `ca/`).
     data_dir: PathBuf,
+    /// Its CA certificate: `--ca-cert` if given, else the built-in CA's.
+    ca_cert: PathBuf,
 }
 
 impl RelayController {
@@ -43,10 +49,16 @@ impl RelayController {
         let controller = Controller::consul_unready(&consul.url(), &args);
         // Ready means config and discovery are served; with no agents registered the warm-up
         // may still run, so wait for the relay's certificate instead.
+        let ca_cert = extra
+            .iter()
+            .position(|a| *a == "--ca-cert")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(|| data_dir.join("ca").join("ca.pem"), PathBuf::from);
         let r = RelayController {
             controller,
             relay_port,
             data_dir,
+            ca_cert,
         };
         // The CA is loaded (or created) before the relay listens.
         eventually(DEADLINE, "the relay to listen", || {
@@ -59,12 +71,12 @@ impl RelayController {
 
     /// The built-in CA's key (for other replicas' `--ca-key`).
     pub fn ca_key(&self) -> PathBuf {
-        self.ca_file().with_file_name("ca.key")
+        self.data_dir.join("ca").join("ca.key")
     }
 
     /// The built-in CA's certificate: what an operator hands to agents as `--ca-file`.
     pub fn ca_file(&self) -> PathBuf {
-        self.data_dir.join("ca").join("ca.pem")
+        self.ca_cert.clone()
     }
 
     pub fn relay_addr(&self) -> String {
@@ -79,6 +91,69 @@ impl RelayController {
         assert_eq!(r.status, 200, "the controller keeps running");
     }
 
+    /// Starts an edge gateway for `proxy`, as an operator would: a token for it, `vmesh-agent
+    /// --gateway <proxy> --once` to get the certificate before Envoy starts, the same agent left
+    /// running to renew it, and Envoy bootstrapped with `--xds-cert-dir`. Waits until Envoy is
+    /// ready (it has its config).
+    pub fn gateway(&self, consul: &ConsulEmulator, proxy: &str, protocol: Protocol) -> Gateway {
+        self.gateway_with(consul, proxy, protocol, &[])
+    }
+
+    /// [`RelayController::gateway`] with extra arguments for the gateway's agent.
+    pub fn gateway_with(
+        &self,
+        consul: &ConsulEmulator,
+        proxy: &str,
+        protocol: Protocol,
+        extra: &[&str],
+    ) -> Gateway {
+        let token = create_gateway_token(consul, proxy);
+        let dir = vmesh_testkit::process::scratch_dir(&format!("gateway-{proxy}"));
+        let data = dir.join("certs");
+        let mut args: Vec<String> = [
+            "--gateway",
+            proxy,
+            "--datacenter",
+            "dc1",
+            "--relay-addr",
+            &self.relay_addr(),
+            "--ca-file",
+            &self.ca_file().display().to_string(),
+            "--data-dir",
+            &data.display().to_string(),
+            "--log",
+            "info",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = vec![("VMESH_AGENT_TOKEN".to_string(), token)];
+        let log = dir.join("agent.log");
+        let mut once_args = args.clone();
+        once_args.push("--once".into());
+        let mut once = AgentProcess::start(&agent_binary(), proxy, &once_args, &env, &log);
+        let status = once.wait_exit(DEADLINE);
+        assert!(
+            status.success(),
+            "vmesh-agent --gateway --once failed ({status}):\n{}",
+            once.log()
+        );
+        let agent = AgentProcess::start(&agent_binary(), proxy, &args, &env, &log);
+        let bootstrap = render(&BootstrapArgs {
+            proxy: proxy.to_string(),
+            cluster: None,
+            xds_addr: self.controller.xds_addr(),
+            protocol,
+            admin_port: 0,
+            xds_cert_dir: Some(data.clone()),
+        })
+        .expect("bootstrap");
+        let envoy = Envoy::start(&bootstrap, proxy);
+        envoy.wait_ready(DEADLINE);
+        Gateway { envoy, agent, dir }
+    }
+
     /// The value of one metric line (summed over label sets matching `labels`).
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
         self.controller.metric(name, labels).unwrap_or_default()
@@ -91,6 +166,57 @@ impl Drop for RelayController {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
+}
+
+/// A client certificate chain and key, PEM.
+pub struct ClientCert {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// A TLS channel to `addr` (the relay or the xDS port of `relay`'s controller) from `bind`,
+/// trusting the controller's CA, with `cert` if given.
+pub async fn tls_channel(
+    relay: &RelayController,
+    addr: &str,
+    cert: Option<&ClientCert>,
+    bind: IpAddr,
+) -> Result<Channel, String> {
+    let ca = std::fs::read_to_string(relay.ca_file()).expect("the CA certificate");
+    let identity = cert.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()));
+    vmesh_testkit::relay::tls_channel(addr, &ca, identity, bind).await
+}
+
+/// Registers with `token` from `bind`, as the agent of `node` would (or, with `gateway`, as that
+/// gateway's `vmesh-agent --gateway`). Returns the certificate or the gRPC status.
+pub async fn register(
+    relay: &RelayController,
+    token: &str,
+    node: &str,
+    gateway: Option<&str>,
+    bind: IpAddr,
+) -> Result<ClientCert, tonic::Status> {
+    let (key, csr) = vmesh_tls::new_key_and_csr().expect("a key");
+    let channel = tls_channel(relay, &relay.relay_addr(), None, bind)
+        .await
+        .expect("a connection to the relay");
+    let response = RegistrationClient::new(channel)
+        .register(RegisterRequest {
+            token: token.to_owned(),
+            node: node.to_owned(),
+            datacenter: "dc1".to_owned(),
+            csr_der: csr,
+            gateway: gateway.unwrap_or_default().to_owned(),
+        })
+        .await?
+        .into_inner();
+    let issued = response.certificate.expect("a certificate");
+    Ok(ClientCert {
+        chain_pem: vmesh_tls::certificates_to_pem(
+            issued.certificate_chain_der.iter().map(Vec::as_slice),
+        ),
+        key_pem: key.expose().to_owned(),
+    })
 }
 
 /// The routing config of the relay scenarios, in Consul KV: a gateway on `proxy` listening on
@@ -109,6 +235,25 @@ pub fn route_to_consul_service(consul: &ConsulEmulator, port: u16, proxy: &str) 
     );
 }
 
+/// The registry in `consul` (as vmeshctl reaches it), and a runtime to drive it.
+fn registry(consul: &ConsulEmulator) -> (tokio::runtime::Runtime, vmesh_registry::Registry) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(async {
+        vmesh_consul::Client::new(
+            &vmesh_consul::ConsulConfig::from_env(vmesh_consul::ConsulEnv {
+                http_addr: Some(consul.url()),
+                ..Default::default()
+            })
+            .expect("consul config"),
+        )
+        .expect("consul client")
+    });
+    (runtime, vmesh_registry::Registry::new(client, "vmesh"))
+}
+
 /// Creates a bootstrap token in Consul KV, as `vmeshctl token create` does. Returns the secret.
 pub fn create_token(
     consul: &ConsulEmulator,
@@ -116,23 +261,45 @@ pub fn create_token(
     uses: Option<u32>,
     node: Option<&str>,
 ) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = vmesh_consul::Client::new(
-        &vmesh_consul::ConsulConfig::from_env(vmesh_consul::ConsulEnv {
-            http_addr: Some(consul.url()),
-            ..Default::default()
-        })
-        .expect("consul config"),
-    )
-    .expect("consul client");
-    let registry = vmesh_registry::Registry::new(client, "vmesh");
+    let (runtime, registry) = registry(consul);
     let (_, secret) = runtime
         .block_on(registry.create_token(ttl, uses, node.map(str::to_owned), SystemTime::now()))
         .expect("create token");
     secret.expose().to_owned()
+}
+
+/// Creates a token for the gateway `proxy`, as `vmeshctl token create --gateway` does.
+pub fn create_gateway_token(consul: &ConsulEmulator, proxy: &str) -> String {
+    let (runtime, registry) = registry(consul);
+    let (_, secret) = runtime
+        .block_on(registry.create_gateway_token(None, None, proxy.to_owned(), SystemTime::now()))
+        .expect("create a gateway token");
+    secret.expose().to_owned()
+}
+
+/// An edge gateway that takes its config from the controller's xDS port over mutual TLS: its
+/// `vmesh-agent --gateway`, which keeps (and renews) the certificate, and its Envoy,
+/// bootstrapped with `vmeshctl bootstrap --xds-cert-dir`.
+pub struct Gateway {
+    pub envoy: Envoy,
+    pub agent: AgentProcess,
+    /// The agent's data dir (the certificate and the SDS files).
+    pub dir: PathBuf,
+}
+
+impl Gateway {
+    pub fn agent_log(&self) -> String {
+        self.agent.log()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.agent.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// One VM: its own loopback address, a local Consul agent, and (when started) a `vmesh-agent`.

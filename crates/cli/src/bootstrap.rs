@@ -29,6 +29,12 @@ pub struct BootstrapArgs {
     /// Port of Envoy's admin interface (bound to 127.0.0.1).
     #[arg(long, default_value_t = 19901)]
     pub admin_port: u16,
+    /// The data dir of the gateway's `vmesh-agent --gateway`: Envoy then connects to the
+    /// controller over mutual TLS with the certificate kept there, and loads it again each time
+    /// it is renewed. Needed whenever the controller's relay is on (its xDS port then asks every
+    /// proxy for a certificate); without it the connection is plaintext.
+    #[arg(long, env = "VMESH_XDS_CERT_DIR")]
+    pub xds_cert_dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: &BootstrapArgs) -> anyhow::Result<ExitCode> {
@@ -58,6 +64,10 @@ pub fn render(args: &BootstrapArgs) -> anyhow::Result<String> {
         Protocol::Sotw => "GRPC",
     };
     let cluster = args.cluster.as_deref().unwrap_or(&args.proxy);
+    let transport = match &args.xds_cert_dir {
+        None => String::new(),
+        Some(dir) => tls_transport(dir)?,
+    };
     // initial_fetch_timeout 0: Envoy waits for the whole config rather than
     // starting to serve with part of it.
     Ok(format!(
@@ -101,9 +111,42 @@ static_resources:
               - endpoint:
                   address:
                     socket_address: {{ address: {host:?}, port_value: {port} }}
-"#,
+{transport}"#,
         proxy = args.proxy,
         admin_port = args.admin_port,
+    ))
+}
+
+/// The xDS cluster's TLS: the gateway's certificate and the trust bundle, from the SDS files
+/// `vmesh-agent --gateway` keeps in `dir` (Envoy reloads them when the agent renews).
+fn tls_transport(dir: &std::path::Path) -> anyhow::Result<String> {
+    use vmesh_tls::envoy::{CA_SDS_FILE, CA_SECRET, CLIENT_SDS_FILE, CLIENT_SECRET};
+    let dir = std::path::absolute(dir)
+        .map_err(|e| anyhow::anyhow!("--xds-cert-dir {}: {e}", dir.display()))?;
+    let sds = |file: &str| format!("{:?}", dir.join(file).display().to_string());
+    Ok(format!(
+        r#"      # Mutual TLS with the controller: the certificate names this proxy.
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: {server:?}
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificate_sds_secret_configs:
+              - name: {CLIENT_SECRET}
+                sds_config:
+                  resource_api_version: V3
+                  path_config_source: {{ path: {client} }}
+            validation_context_sds_secret_config:
+              name: {CA_SECRET}
+              sds_config:
+                resource_api_version: V3
+                path_config_source: {{ path: {ca} }}
+"#,
+        server = vmesh_tls::CONTROLLER_SERVER_NAME,
+        client = sds(CLIENT_SDS_FILE),
+        ca = sds(CA_SDS_FILE),
     ))
 }
 
@@ -118,7 +161,26 @@ mod tests {
             xds_addr: xds.into(),
             protocol,
             admin_port: 9901,
+            xds_cert_dir: None,
         }
+    }
+
+    #[test]
+    fn with_a_cert_dir_envoy_speaks_mutual_tls_from_its_files() {
+        let plain = render(&args("127.0.0.1:18000", Protocol::Delta)).unwrap();
+        assert!(!plain.contains("transport_socket"), "{plain}");
+        let mut a = args("127.0.0.1:18000", Protocol::Delta);
+        a.xds_cert_dir = Some("/var/lib/vmesh-gateway".into());
+        let y = render(&a).unwrap();
+        assert!(y.contains("sni: \"vmesh-controller\""), "{y}");
+        assert!(
+            y.contains("path: \"/var/lib/vmesh-gateway/envoy-xds-client.yaml\""),
+            "{y}"
+        );
+        assert!(
+            y.contains("path: \"/var/lib/vmesh-gateway/envoy-xds-ca.yaml\""),
+            "{y}"
+        );
     }
 
     #[test]

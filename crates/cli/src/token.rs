@@ -63,12 +63,17 @@ pub struct CreateArgs {
     /// How long the token may be redeemed: a duration (24h, 30m, 7d) or "never".
     #[arg(long, value_parser = parse_ttl, default_value = "24h")]
     pub ttl: Ttl,
-    /// How many agents may register with it [default: unlimited].
+    /// How many agents (or gateway instances) may register with it [default: unlimited].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub uses: Option<u32>,
     /// Only the agent of this node may redeem it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gateway")]
     pub node: Option<String>,
+    /// A token for the edge gateway whose Envoy has this proxy id (node id), for
+    /// `vmesh-agent gateway` to get the client certificate the controller's xDS port asks for.
+    /// It registers nothing else; an agent's token registers no gateway.
+    #[arg(long)]
+    pub gateway: Option<String>,
     /// text: the secret alone on standard output (details on standard error); json: one object.
     #[arg(long, short = 'o', visible_alias = "output", value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -142,6 +147,9 @@ pub fn run(args: &TokenArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+const AGENT_HAND_TO: &str =
+    "the agent as\nVMESH_AGENT_TOKEN=<secret>, or in a file: vmesh-agent --token-file <file>";
+
 /// `vmeshctl token create --format json`
 #[derive(Serialize)]
 struct Created<'a> {
@@ -150,16 +158,26 @@ struct Created<'a> {
     expires_unix: Option<u64>,
     uses: Option<u32>,
     node: Option<&'a str>,
+    gateway: Option<&'a str>,
 }
 
 fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
     let conn = Conn::new(&args.consul)?;
     let now = SystemTime::now();
-    let (id, secret) =
-        conn.run(
-            conn.registry
-                .create_token(args.ttl.0, args.uses, args.node.clone(), now),
-        )?;
+    let (id, secret) = match &args.gateway {
+        Some(gateway) => conn.run(conn.registry.create_gateway_token(
+            args.ttl.0,
+            args.uses,
+            gateway.clone(),
+            now,
+        ))?,
+        None => {
+            conn.run(
+                conn.registry
+                    .create_token(args.ttl.0, args.uses, args.node.clone(), now),
+            )?
+        }
+    };
     // As the record has it: whole seconds.
     let expires_unix = args
         .ttl
@@ -173,23 +191,29 @@ fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
                 expires_unix,
                 uses: args.uses,
                 node: args.node.as_deref(),
+                gateway: args.gateway.as_deref(),
             };
             println!("{}", serde_json::to_string_pretty(&created)?);
         }
         Format::Text => {
             println!("{}", secret.expose());
+            let (registers, hand_to) = match (&args.gateway, &args.node) {
+                (Some(g), _) => (
+                    format!("gateway {g} only"),
+                    "the gateway's `vmesh-agent gateway` as\n\
+                     VMESH_AGENT_TOKEN=<secret>, or in a file: vmesh-agent gateway --token-file <file>",
+                ),
+                (None, Some(n)) => (format!("the agent of node {n} only"), AGENT_HAND_TO),
+                (None, None) => ("agents on any node".to_string(), AGENT_HAND_TO),
+            };
             eprintln!(
-                "Created bootstrap token {id}: expires {}, {}, {}.\n\
-                 The secret above is shown only this once. Give it to the agent as\n\
-                 VMESH_AGENT_TOKEN=<secret>, or in a file: vmesh-agent --token-file <file>.",
+                "Created bootstrap token {id}: expires {}, {}, registers {registers}.\n\
+                 The secret above is shown only this once. Give it to {hand_to}.",
                 expires_unix.map_or("never".to_string(), |s| {
                     time(UNIX_EPOCH + Duration::from_secs(s))
                 }),
                 args.uses
                     .map_or("unlimited uses".to_string(), |n| format!("{n} use(s)")),
-                args.node
-                    .as_deref()
-                    .map_or("any node".to_string(), |n| format!("node {n} only")),
             );
         }
     }
@@ -225,14 +249,23 @@ fn list(args: &ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `token list` table: id, created, expires, uses left, node, state.
+/// What a token registers, in a word or two.
+fn registers(t: &TokenInfo) -> String {
+    match (&t.gateway, &t.node) {
+        (Some(g), _) => format!("gateway {g}"),
+        (None, Some(n)) => format!("agent {n}"),
+        (None, None) => "any agent".to_string(),
+    }
+}
+
+/// The `token list` table: id, created, expires, uses left, what it registers, state.
 pub fn token_table(tokens: &[TokenInfo], now: SystemTime) -> String {
     let mut rows = vec![header(&[
         "ID",
         "CREATED",
         "EXPIRES",
         "USES LEFT",
-        "NODE",
+        "REGISTERS",
         "STATE",
     ])];
     for t in tokens {
@@ -242,7 +275,7 @@ pub fn token_table(tokens: &[TokenInfo], now: SystemTime) -> String {
             t.expires.map_or("never".to_string(), time),
             t.uses_left
                 .map_or("unlimited".to_string(), |n| n.to_string()),
-            t.node.clone().unwrap_or_else(|| "any".to_string()),
+            registers(t),
             TokenState::of(t, now).to_string(),
         ]);
     }
@@ -316,6 +349,7 @@ mod tests {
                 expires: None,
                 uses_left: None,
                 node: None,
+                gateway: None,
                 revoked: false,
             },
             TokenInfo {
@@ -324,6 +358,16 @@ mod tests {
                 expires: Some(at(60)),
                 uses_left: Some(1),
                 node: Some("vm-1".into()),
+                gateway: None,
+                revoked: false,
+            },
+            TokenInfo {
+                id: TokenId::new("cccc"),
+                created: at(0),
+                expires: None,
+                uses_left: Some(2),
+                node: None,
+                gateway: Some("edge".into()),
                 revoked: false,
             },
         ];
@@ -331,9 +375,10 @@ mod tests {
         assert_eq!(
             out,
             "\
-ID    CREATED               EXPIRES               USES LEFT  NODE  STATE
-aaaa  1970-01-01T00:00:00Z  never                 unlimited  any   active
-bbbb  1970-01-01T00:00:00Z  1970-01-01T00:01:00Z  1          vm-1  expired
+ID    CREATED               EXPIRES               USES LEFT  REGISTERS     STATE
+aaaa  1970-01-01T00:00:00Z  never                 unlimited  any agent     active
+bbbb  1970-01-01T00:00:00Z  1970-01-01T00:01:00Z  1          agent vm-1    expired
+cccc  1970-01-01T00:00:00Z  never                 2          gateway edge  active
 "
         );
     }

@@ -15,6 +15,7 @@
 //! | `<prefix>/discovery/<dc>/<node>/<replica>` | the relay's discovery record (`vmesh-relay`), under the replica's session | each replica |
 //! | `<prefix>/tokens/<token-id>` | a bootstrap token record (hash only) | vmeshctl, the controller |
 //! | `<prefix>/agents/<dc>/<node>` | a registered agent | the controller |
+//! | `<prefix>/gateways/<dc>/<proxy>` | a registered edge gateway | the controller |
 //! | `<prefix>/revoked/<dc>/<node>` | a revocation | vmeshctl, the controller |
 //!
 //! Times in records are whole seconds since the Unix epoch ([`unix_secs`]).
@@ -40,6 +41,7 @@ const REPLICAS: &str = "replicas";
 const DISCOVERY: &str = "discovery";
 const TOKENS: &str = "tokens";
 const AGENTS: &str = "agents";
+const GATEWAYS: &str = "gateways";
 const REVOKED: &str = "revoked";
 
 /// Where vmesh keeps things in Consul KV under one prefix.
@@ -170,6 +172,16 @@ impl Layout {
         format!("{}{dc}/{node}", self.agents_prefix())
     }
 
+    /// `<prefix>/gateways/`
+    pub fn gateways_prefix(&self) -> String {
+        self.folder(GATEWAYS)
+    }
+
+    /// `<prefix>/gateways/<dc>/<proxy>`
+    pub fn gateway_key(&self, dc: &str, proxy: &str) -> String {
+        format!("{}{dc}/{proxy}", self.gateways_prefix())
+    }
+
     /// `<prefix>/revoked/`
     pub fn revoked_prefix(&self) -> String {
         self.folder(REVOKED)
@@ -213,6 +225,7 @@ mod tests {
         );
         assert_eq!(l.token_key("ab"), "vmesh/tokens/ab");
         assert_eq!(l.agent_key("dc1", "vm-1"), "vmesh/agents/dc1/vm-1");
+        assert_eq!(l.gateway_key("dc1", "edge"), "vmesh/gateways/dc1/edge");
         assert_eq!(l.revocation_key("dc1", "vm-1"), "vmesh/revoked/dc1/vm-1");
         assert_eq!(Layout::new("team/a").config_prefix(), "team/a/config/");
         assert_eq!(Layout::default().prefix(), "vmesh");

@@ -38,8 +38,10 @@ use serde::{Deserialize, Serialize};
 use vmesh_consul::{Client, ConsulError, KvEntry, WriteOptions};
 use vmesh_layout::{unix_secs, Layout};
 use vmesh_retry::Backoff;
-use vmesh_tls::tokens::{Secret, TokenError, TokenId, TokenInfo, TokenRecord, TokenStore};
-use vmesh_tls::{DenyList, SpiffeId};
+use vmesh_tls::tokens::{
+    Registrant, Secret, TokenError, TokenId, TokenInfo, TokenRecord, TokenStore,
+};
+use vmesh_tls::{DenyList, Principal, SpiffeId};
 
 /// How many times a check-and-set write is retried after someone else wrote the key first.
 /// Each failed attempt means another writer succeeded, so this bounds contention, not time.
@@ -71,12 +73,16 @@ pub enum RegistryError {
     /// An operation on agents was given a workload's identity.
     #[error("{id} is not an agent identity (spiffe://<trust-domain>/dc/<dc>/agent/<node>)")]
     NotAnAgent { id: String },
+    /// A registration record was asked for an identity that registers nowhere (a workload's).
+    #[error("{id} is neither an agent nor a gateway identity")]
+    NotRegistered { id: String },
 }
 
-/// A registered agent: `<prefix>/agents/<dc>/<node>`.
+/// A registered agent (`<prefix>/agents/<dc>/<node>`) or edge gateway
+/// (`<prefix>/gateways/<dc>/<proxy>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
-    /// `spiffe://<trust-domain>/dc/<dc>/agent/<node>`
+    /// `spiffe://<trust-domain>/dc/<dc>/agent/<node>` or `.../gateway/<proxy>`
     pub spiffe_id: SpiffeId,
     /// The bootstrap token it registered with (revoking the token revokes the agent).
     pub token_id: TokenId,
@@ -184,6 +190,16 @@ impl Registry {
         Ok(self.layout.agent_key(dc, node))
     }
 
+    /// Where the registration of `id` is recorded: `<prefix>/agents/<dc>/<node>` for an agent,
+    /// `<prefix>/gateways/<dc>/<proxy>` for a gateway.
+    pub fn registration_key(&self, id: &SpiffeId) -> Result<String, RegistryError> {
+        match id.principal() {
+            Principal::Agent(node) => Ok(self.layout.agent_key(id.dc(), node)),
+            Principal::Gateway(proxy) => Ok(self.layout.gateway_key(id.dc(), proxy)),
+            Principal::Service(_) => Err(RegistryError::NotRegistered { id: id.to_string() }),
+        }
+    }
+
     /// `<prefix>/revoked/<dc>/<node>`
     pub fn revocation_key(&self, id: &SpiffeId) -> Result<String, RegistryError> {
         let (dc, node) = dc_node(id)?;
@@ -199,10 +215,31 @@ impl Registry {
         node: Option<String>,
         now: SystemTime,
     ) -> Result<(TokenId, Secret), RegistryError> {
+        self.store_new_token(|store| store.create(ttl, uses, node.clone(), now))
+            .await
+    }
+
+    /// Creates a token that registers only the edge gateway `gateway` (see
+    /// [`Registry::create_token`]).
+    pub async fn create_gateway_token(
+        &self,
+        ttl: Option<Duration>,
+        uses: Option<u32>,
+        gateway: String,
+        now: SystemTime,
+    ) -> Result<(TokenId, Secret), RegistryError> {
+        self.store_new_token(|store| store.create_for_gateway(ttl, uses, gateway.clone(), now))
+            .await
+    }
+
+    async fn store_new_token(
+        &self,
+        create: impl Fn(&mut TokenStore) -> Result<(TokenId, Secret), TokenError>,
+    ) -> Result<(TokenId, Secret), RegistryError> {
         let mut last_key = self.layout.tokens_prefix();
         for _ in 0..CAS_ATTEMPTS {
             let mut store = TokenStore::new();
-            let (id, secret) = store.create(ttl, uses, node.clone(), now)?;
+            let (id, secret) = create(&mut store)?;
             let Some(record) = store.record(&id) else {
                 return Err(TokenError::NotFound { id }.into());
             };
@@ -281,17 +318,17 @@ impl Registry {
         Ok(agents)
     }
 
-    /// Redeems a token for `node`: reads every token record, checks the secret in constant
+    /// Redeems a token for `who` (a node's agent or a gateway): reads every token record, checks the secret in constant
     /// time against all of them ([`TokenStore::redeem`]), and writes the counted-down record
     /// back with a check-and-set at the ModifyIndex read. When someone else wrote it first,
     /// reads again and retries. Returns the token's info after the redemption.
     ///
     /// Records that do not decode are skipped (and logged), so one bad key cannot block every
     /// registration.
-    pub async fn redeem(
+    pub async fn redeem<'a>(
         &self,
         secret: &Secret,
-        node: &str,
+        who: impl Into<Registrant<'a>> + Copy,
         now: SystemTime,
     ) -> Result<TokenInfo, RegistryError> {
         let folder = self.layout.tokens_prefix();
@@ -309,7 +346,7 @@ impl Registry {
                 }
             }
             let mut store = TokenStore::from_records(records);
-            let info = store.redeem(secret, node, now)?;
+            let info = store.redeem(secret, who, now)?;
             if info.uses_left.is_none() {
                 // Unlimited uses: nothing changed, nothing to write.
                 return Ok(info);
@@ -334,14 +371,14 @@ impl Registry {
 
     /// Writes (or overwrites) an agent's record.
     pub async fn record_agent(&self, record: &AgentRecord) -> Result<(), RegistryError> {
-        let key = self.agent_key(&record.spiffe_id)?;
+        let key = self.registration_key(&record.spiffe_id)?;
         self.put(&key, to_json(record), None).await?;
         Ok(())
     }
 
-    /// One agent's record, if it registered.
+    /// One agent's (or gateway's) record, if it registered.
     pub async fn agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, RegistryError> {
-        let key = self.agent_key(id)?;
+        let key = self.registration_key(id)?;
         match self.client.kv_get(&key).await? {
             Some(entry) => Ok(Some(self.decode_agent(&entry)?)),
             None => Ok(None),
@@ -507,31 +544,32 @@ impl Registry {
         &self,
         entry: &KvEntry,
         id: impl Fn(&T) -> &SpiffeId,
-        key_of: impl Fn(&Layout, &str, &str) -> String,
+        key_of: impl Fn(&Self, &SpiffeId) -> Result<String, RegistryError>,
     ) -> Result<T, RegistryError> {
         let value: T =
             serde_json::from_str(utf8(entry)?).map_err(|e| corrupt(entry, e.to_string()))?;
         let spiffe_id = id(&value);
-        match dc_node(spiffe_id) {
-            Ok((dc, node)) if key_of(&self.layout, dc, node) == entry.key => Ok(value),
-            Ok((dc, node)) => Err(corrupt(
+        match key_of(self, spiffe_id) {
+            Ok(key) if key == entry.key => Ok(value),
+            Ok(key) => Err(corrupt(
                 entry,
-                format!(
-                    "the record is for {spiffe_id}, which belongs under {}",
-                    key_of(&self.layout, dc, node)
-                ),
+                format!("the record is for {spiffe_id}, which belongs under {key}"),
             )),
             Err(e) => Err(corrupt(entry, e.to_string())),
         }
     }
 
     fn decode_agent(&self, entry: &KvEntry) -> Result<AgentRecord, RegistryError> {
-        self.decode_keyed(entry, |a: &AgentRecord| &a.spiffe_id, Layout::agent_key)
+        self.decode_keyed(
+            entry,
+            |a: &AgentRecord| &a.spiffe_id,
+            Self::registration_key,
+        )
     }
 
     /// A revocation record, checked against its key.
     pub fn decode_revocation(&self, entry: &KvEntry) -> Result<Revocation, RegistryError> {
-        self.decode_keyed(entry, |r: &Revocation| &r.spiffe_id, Layout::revocation_key)
+        self.decode_keyed(entry, |r: &Revocation| &r.spiffe_id, Self::revocation_key)
     }
 }
 
@@ -547,6 +585,7 @@ mod tests {
             expires: expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
             uses_left,
             node: None,
+            gateway: None,
             revoked,
         }
     }

@@ -290,17 +290,29 @@ fn endpoint(relay_addr: &str, tls: ClientTlsConfig, bind: IpAddr) -> Result<Endp
         .connect_timeout(Duration::from_secs(5)))
 }
 
-/// A connection to the relay at `relay_addr` (verified with `ca_pem`) from source address
-/// `bind`, without a client certificate: what registrations are sent on.
+/// A TLS connection to one of the controller's ports at `addr` (verified with `ca_pem`, for
+/// the name `vmesh-controller`) from source address `bind`, presenting `identity` (chain and key
+/// PEM) if given.
+pub async fn tls_channel(
+    addr: &str,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    bind: IpAddr,
+) -> Result<tonic::transport::Channel, String> {
+    endpoint(addr, client_tls(ca_pem, identity), bind)?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+/// A connection to the relay at `relay_addr` without a client certificate: what registrations
+/// are sent on.
 pub async fn registration_channel(
     relay_addr: &str,
     ca_pem: &str,
     bind: IpAddr,
 ) -> Result<tonic::transport::Channel, String> {
-    endpoint(relay_addr, client_tls(ca_pem, None), bind)?
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))
+    tls_channel(relay_addr, ca_pem, None, bind).await
 }
 
 /// Registers node `node` of `dc` with the controller's relay at `relay_addr` (verified with
@@ -322,6 +334,7 @@ pub async fn register_agent(
             node: node.to_string(),
             datacenter: dc.to_string(),
             csr_der: csr,
+            ..Default::default()
         })
         .await
         .map_err(|s| format!("register: {:?}: {}", s.code(), s.message()))?

@@ -270,8 +270,10 @@ impl BuiltinCa {
             .try_into()
             .map_err(|e: rcgen::Error| CaError::Signing(e.to_string()))?;
         let extended_key_usages = match id.principal() {
-            // Agents only ever dial the controller.
-            Principal::Agent(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            // Agents and gateways only ever dial the controller with it.
+            Principal::Agent(_) | Principal::Gateway(_) => {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            }
             // Workloads are both ends of mesh mTLS.
             Principal::Service(_) => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,

@@ -1,5 +1,7 @@
-//! SPIFFE identities: `spiffe://<trust-domain>/dc/<dc>/svc/<service>` for workloads and
-//! `spiffe://<trust-domain>/dc/<dc>/agent/<node>` for agents.
+//! SPIFFE identities: `spiffe://<trust-domain>/dc/<dc>/svc/<service>` for workloads,
+//! `spiffe://<trust-domain>/dc/<dc>/agent/<node>` for agents and
+//! `spiffe://<trust-domain>/dc/<dc>/gateway/<proxy>` for edge gateways that take their config
+//! from the controller's xDS port.
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,7 +25,7 @@ pub enum IdError {
     )]
     TrustDomain { value: String, reason: &'static str },
     #[error(
-        "SPIFFE id {input:?} has an unsupported path: expected /dc/<dc>/svc/<service> or /dc/<dc>/agent/<node>"
+        "SPIFFE id {input:?} has an unsupported path: expected /dc/<dc>/svc/<service>, /dc/<dc>/agent/<node> or /dc/<dc>/gateway/<proxy>"
     )]
     Path { input: String },
     #[error(
@@ -43,9 +45,12 @@ pub enum Principal {
     Service(String),
     /// The vmesh agent of a node: `/dc/<dc>/agent/<node>`.
     Agent(String),
+    /// An edge gateway's Envoy, named by its proxy id (Envoy's node id):
+    /// `/dc/<dc>/gateway/<proxy>`.
+    Gateway(String),
 }
 
-/// A validated vmesh SPIFFE id. Parsing is strict: only the two path shapes vmesh issues are
+/// A validated vmesh SPIFFE id. Parsing is strict: only the three path shapes vmesh issues are
 /// accepted, so anything that parses can be formatted back to the same string.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
@@ -65,6 +70,11 @@ impl SpiffeId {
         Self::new(trust_domain, dc, Principal::Agent(node.to_owned()))
     }
 
+    /// The id of an edge gateway: `spiffe://<trust_domain>/dc/<dc>/gateway/<proxy>`.
+    pub fn gateway(trust_domain: &str, dc: &str, proxy: &str) -> Result<Self, IdError> {
+        Self::new(trust_domain, dc, Principal::Gateway(proxy.to_owned()))
+    }
+
     /// Validates every part and builds the id.
     pub fn new(trust_domain: &str, dc: &str, principal: Principal) -> Result<Self, IdError> {
         validate_trust_domain(trust_domain)?;
@@ -72,6 +82,7 @@ impl SpiffeId {
         match &principal {
             Principal::Service(s) => validate_segment("service name", s)?,
             Principal::Agent(n) => validate_segment("node name", n)?,
+            Principal::Gateway(p) => validate_segment("proxy name", p)?,
         }
         let id = SpiffeId {
             trust_domain: trust_domain.to_owned(),
@@ -87,7 +98,7 @@ impl SpiffeId {
         Ok(id)
     }
 
-    /// Parses `spiffe://<trust-domain>/dc/<dc>/(svc|agent)/<name>`, nothing else: no query,
+    /// Parses `spiffe://<trust-domain>/dc/<dc>/(svc|agent|gateway)/<name>`, nothing else: no query,
     /// fragment, port, user info, trailing slash, empty or dot segments, or upper-case scheme.
     pub fn parse(input: &str) -> Result<Self, IdError> {
         if input.len() > MAX_ID_LEN {
@@ -120,6 +131,7 @@ impl SpiffeId {
         let principal = match *kind {
             "svc" => Principal::Service((*name).to_owned()),
             "agent" => Principal::Agent((*name).to_owned()),
+            "gateway" => Principal::Gateway((*name).to_owned()),
             _ => return Err(path_err()),
         };
         Self::new(trust_domain, dc, principal)
@@ -173,7 +185,7 @@ impl SpiffeId {
     pub fn service_name(&self) -> Option<&str> {
         match &self.principal {
             Principal::Service(s) => Some(s),
-            Principal::Agent(_) => None,
+            _ => None,
         }
     }
 
@@ -181,12 +193,24 @@ impl SpiffeId {
     pub fn agent_node(&self) -> Option<&str> {
         match &self.principal {
             Principal::Agent(n) => Some(n),
-            Principal::Service(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The proxy id, if this is a gateway id.
+    pub fn gateway_proxy(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::Gateway(p) => Some(p),
+            _ => None,
         }
     }
 
     pub fn is_agent(&self) -> bool {
         matches!(self.principal, Principal::Agent(_))
+    }
+
+    pub fn is_gateway(&self) -> bool {
+        matches!(self.principal, Principal::Gateway(_))
     }
 }
 
@@ -246,6 +270,7 @@ impl fmt::Display for SpiffeId {
         let (kind, name) = match &self.principal {
             Principal::Service(s) => ("svc", s),
             Principal::Agent(n) => ("agent", n),
+            Principal::Gateway(p) => ("gateway", p),
         };
         write!(
             f,
@@ -285,6 +310,7 @@ mod tests {
             "spiffe://vmesh.local/dc/dc1/svc/web",
             "spiffe://example.org/dc/eu-west_1/agent/node-1.internal",
             "spiffe://a/dc/X/svc/Billing_API",
+            "spiffe://vmesh/dc/dc1/gateway/edge-proxy",
         ] {
             let id = SpiffeId::parse(s).expect(s);
             assert_eq!(id.to_string(), s);
@@ -307,6 +333,15 @@ mod tests {
         assert_eq!(agent.trust_domain(), "vmesh.local");
         assert_eq!(agent.dc(), "dc1");
         assert_eq!(agent.principal(), &Principal::Agent("vm-7".into()));
+        let gateway = SpiffeId::gateway("vmesh", "dc1", "edge-proxy").expect("gateway");
+        assert_eq!(
+            gateway.to_string(),
+            "spiffe://vmesh/dc/dc1/gateway/edge-proxy"
+        );
+        assert_eq!(gateway.gateway_proxy(), Some("edge-proxy"));
+        assert_eq!(gateway.agent_node(), None);
+        assert!(gateway.is_gateway() && !gateway.is_agent());
+        assert!(SpiffeId::gateway("vmesh", "dc1", "a/b").is_err());
         assert!(SpiffeId::agent("Bad", "dc1", "n").is_err());
         assert!(SpiffeId::service("td", "dc1", "a/b").is_err());
     }

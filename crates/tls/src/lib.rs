@@ -5,11 +5,13 @@
 //!   implementation (a Vault PKI one implements the same trait).
 //! - [`tokens`]: bootstrap tokens, stored only as hashes.
 //! - [`DenyList`]: revoked agents, checked on every stream.
+//! - [`envoy`]: the SDS files a gateway's Envoy reads its xDS client certificate from.
 //!
 //! Pure library: no I/O except [`BuiltinCa::load_or_create`], no async runtime.
 
 mod ca;
 mod deny;
+pub mod envoy;
 mod id;
 pub mod tokens;
 

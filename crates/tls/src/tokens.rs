@@ -33,6 +33,18 @@ pub enum TokenError {
         bound: String,
         node: String,
     },
+    #[error("bootstrap token {id} registers the gateway {gateway:?}, not agents")]
+    ForGateway { id: TokenId, gateway: String },
+    #[error(
+        "bootstrap token {id} registers agents, not gateways; create one for this gateway with `vmeshctl token create --gateway {gateway}`"
+    )]
+    NotForGateway { id: TokenId, gateway: String },
+    #[error("bootstrap token {id} registers the gateway {bound:?}, not {gateway:?}")]
+    WrongGateway {
+        id: TokenId,
+        bound: String,
+        gateway: String,
+    },
     #[error("no bootstrap token with id {id}")]
     NotFound { id: TokenId },
     #[error("a bootstrap token needs at least one use")]
@@ -115,8 +127,32 @@ pub struct TokenInfo {
     /// The only node that may redeem it, if bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The edge gateway (proxy id) it registers, for a gateway's token; such a token registers
+    /// no agent, and an agent's token registers no gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     #[serde(default)]
     pub revoked: bool,
+}
+
+/// Who redeems a token: the agent of a node, or an edge gateway. A node name (`&str`) is an
+/// agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registrant<'a> {
+    Agent(&'a str),
+    Gateway(&'a str),
+}
+
+impl<'a> From<&'a str> for Registrant<'a> {
+    fn from(node: &'a str) -> Self {
+        Registrant::Agent(node)
+    }
+}
+
+impl<'a> From<&'a String> for Registrant<'a> {
+    fn from(node: &'a String) -> Self {
+        Registrant::Agent(node)
+    }
 }
 
 /// A stored token: its public info and the SHA-256 of its secret. This is what is persisted
@@ -173,6 +209,28 @@ impl TokenStore {
         node: Option<String>,
         now: SystemTime,
     ) -> Result<(TokenId, Secret), TokenError> {
+        self.create_scoped(ttl, uses, node, None, now)
+    }
+
+    /// Creates a token that registers only the edge gateway `gateway` (see [`TokenStore::create`]).
+    pub fn create_for_gateway(
+        &mut self,
+        ttl: Option<Duration>,
+        uses: Option<u32>,
+        gateway: String,
+        now: SystemTime,
+    ) -> Result<(TokenId, Secret), TokenError> {
+        self.create_scoped(ttl, uses, None, Some(gateway), now)
+    }
+
+    fn create_scoped(
+        &mut self,
+        ttl: Option<Duration>,
+        uses: Option<u32>,
+        node: Option<String>,
+        gateway: Option<String>,
+        now: SystemTime,
+    ) -> Result<(TokenId, Secret), TokenError> {
         if uses == Some(0) {
             return Err(TokenError::ZeroUses);
         }
@@ -198,6 +256,7 @@ impl TokenStore {
             expires,
             uses_left: uses,
             node,
+            gateway,
             revoked: false,
         };
         self.tokens.insert(
@@ -210,12 +269,13 @@ impl TokenStore {
         Ok((id, secret))
     }
 
-    /// Checks a token for `node` without using it: in constant time against every token, then
-    /// refused if revoked, expired, exhausted or bound to another node. Returns its id.
-    pub fn check(
+    /// Checks a token for `who` (a node's agent, or a gateway) without using it: in constant
+    /// time against every token, then refused if revoked, expired, exhausted, bound to another
+    /// node or for another kind of registrant. Returns its id.
+    pub fn check<'a>(
         &self,
         secret: &Secret,
-        node: &str,
+        who: impl Into<Registrant<'a>>,
         now: SystemTime,
     ) -> Result<TokenId, TokenError> {
         let hash = sha256(secret.expose());
@@ -248,27 +308,52 @@ impl TokenStore {
                 id: info.id.clone(),
             });
         }
-        if let Some(bound) = &info.node {
-            if bound != node {
-                return Err(TokenError::WrongNode {
+        match (who.into(), &info.gateway) {
+            (Registrant::Agent(_), Some(gateway)) => {
+                return Err(TokenError::ForGateway {
                     id: info.id.clone(),
-                    bound: bound.clone(),
-                    node: node.to_owned(),
+                    gateway: gateway.clone(),
                 });
+            }
+            (Registrant::Agent(node), None) => {
+                if let Some(bound) = &info.node {
+                    if bound != node {
+                        return Err(TokenError::WrongNode {
+                            id: info.id.clone(),
+                            bound: bound.clone(),
+                            node: node.to_owned(),
+                        });
+                    }
+                }
+            }
+            (Registrant::Gateway(gateway), None) => {
+                return Err(TokenError::NotForGateway {
+                    id: info.id.clone(),
+                    gateway: gateway.to_owned(),
+                });
+            }
+            (Registrant::Gateway(gateway), Some(bound)) => {
+                if bound != gateway {
+                    return Err(TokenError::WrongGateway {
+                        id: info.id.clone(),
+                        bound: bound.clone(),
+                        gateway: gateway.to_owned(),
+                    });
+                }
             }
         }
         Ok(info.id.clone())
     }
 
-    /// Redeems a token for `node`: [`TokenStore::check`], then counts one use down. Returns the
+    /// Redeems a token for `who`: [`TokenStore::check`], then counts one use down. Returns the
     /// token's info after the redemption.
-    pub fn redeem(
+    pub fn redeem<'a>(
         &mut self,
         secret: &Secret,
-        node: &str,
+        who: impl Into<Registrant<'a>>,
         now: SystemTime,
     ) -> Result<TokenInfo, TokenError> {
-        let id = self.check(secret, node, now)?;
+        let id = self.check(secret, who, now)?;
         let info = &mut self.tokens.get_mut(&id).ok_or(TokenError::Unknown)?.info;
         if let Some(uses) = &mut info.uses_left {
             *uses -= 1;

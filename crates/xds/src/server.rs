@@ -1,6 +1,7 @@
 //! The ADS gRPC service (state of the world and delta) around [`Stream`].
 //!
-//! Each stream waits for its first request to learn the proxy's node id, then
+//! Each stream waits for its first request to learn the proxy's node id, asks the
+//! [`Authorize`] hook (if any) whether the stream's peer may speak for that node, then
 //! moves bytes between the proxy, the state machine and the published
 //! snapshots. All protocol decisions are the state machine's.
 
@@ -51,6 +52,16 @@ pub trait Observer: Send + Sync + 'static {
 /// An observer that observes nothing.
 pub struct NoObserver;
 impl Observer for NoObserver {}
+
+/// Who may speak for a node. The server knows nothing of identities: it hands over what the
+/// transport knows of the call (`extensions`: the peer's address and verified certificates, as
+/// the listener recorded them) and the node id the stream's first request names.
+pub trait Authorize: Send + Sync + 'static {
+    /// `Ok`: the stream may go on. `Err`: it is ended with that status before anything is
+    /// sent. (A credential that expires later is the transport's to enforce: the connection
+    /// should not outlive it.)
+    fn authorize(&self, extensions: &tonic::Extensions, node: &str) -> Result<(), Status>;
+}
 
 /// One connected stream and what its proxy has acknowledged.
 #[derive(Clone, Debug)]
@@ -126,21 +137,43 @@ struct Inner {
     snapshots: SnapshotsRx,
     connections: Arc<Connections>,
     observer: Arc<dyn Observer>,
+    authorizer: Option<Arc<dyn Authorize>>,
     next_id: AtomicU64,
     empty: Arc<ProxySnapshot>,
 }
 
 impl AdsServer {
+    /// A server that serves every stream the config of the node it names.
     pub fn new(
         snapshots: SnapshotsRx,
         connections: Arc<Connections>,
         observer: Arc<dyn Observer>,
+    ) -> Self {
+        Self::build(snapshots, connections, observer, None)
+    }
+
+    /// A server that serves a stream only once `authorizer` let it speak for its node.
+    pub fn with_authorizer(
+        snapshots: SnapshotsRx,
+        connections: Arc<Connections>,
+        observer: Arc<dyn Observer>,
+        authorizer: Arc<dyn Authorize>,
+    ) -> Self {
+        Self::build(snapshots, connections, observer, Some(authorizer))
+    }
+
+    fn build(
+        snapshots: SnapshotsRx,
+        connections: Arc<Connections>,
+        observer: Arc<dyn Observer>,
+        authorizer: Option<Arc<dyn Authorize>>,
     ) -> Self {
         AdsServer {
             inner: Arc::new(Inner {
                 snapshots,
                 connections,
                 observer,
+                authorizer,
                 next_id: AtomicU64::new(1),
                 empty: Arc::new(ProxySnapshot::default()),
             }),
@@ -157,7 +190,7 @@ impl AdsServer {
     fn spawn<Req, Resp>(
         &self,
         mode: Mode,
-        inbound: Streaming<Req>,
+        request: Request<Streaming<Req>>,
     ) -> ReceiverStream<Result<Resp, Status>>
     where
         Req: AdsRequest,
@@ -173,7 +206,8 @@ impl AdsServer {
             mode = mode.as_str(),
             node = tracing::field::Empty
         );
-        tokio::spawn(run_stream(inner, id, mode, inbound, tx).instrument(span));
+        let (_, extensions, inbound) = request.into_parts();
+        tokio::spawn(run_stream(inner, id, mode, extensions, inbound, tx).instrument(span));
         ReceiverStream::new(rx)
     }
 }
@@ -229,6 +263,7 @@ async fn run_stream<Req, Resp>(
     inner: Arc<Inner>,
     id: u64,
     mode: Mode,
+    extensions: tonic::Extensions,
     mut inbound: Streaming<Req>,
     tx: mpsc::Sender<Result<Resp, Status>>,
 ) where
@@ -255,8 +290,15 @@ async fn run_stream<Req, Resp>(
             .await;
         return;
     }
+    tracing::Span::current().record("node", node.as_str());
+    if let Some(authorizer) = &inner.authorizer {
+        if let Err(status) = authorizer.authorize(&extensions, &node) {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    }
+    drop(extensions);
     let info = StreamInfo { id, node, mode };
-    tracing::Span::current().record("node", info.node.as_str());
     info!(node = %info.node, "proxy connected");
     inner.observer.opened(&info);
 
@@ -364,7 +406,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let out = self.spawn(Mode::Sotw, request.into_inner());
+        let out = self.spawn(Mode::Sotw, request);
         Ok(tonic::Response::new(Box::pin(out)))
     }
 
@@ -372,7 +414,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let out = self.spawn(Mode::Delta, request.into_inner());
+        let out = self.spawn(Mode::Delta, request);
         Ok(tonic::Response::new(Box::pin(out)))
     }
 }

@@ -1,19 +1,25 @@
-//! The relay listener's TLS.
+//! The TLS of the controller's mesh ports (the relay, and the xDS port when it is
+//! authenticated), from the mesh CA.
 //!
-//! - The server certificate comes from the mesh CA for [`CONTROLLER_SERVER_NAME`]; its key is
-//!   made in memory and never written anywhere. It is re-issued at half-life without a restart:
-//!   new handshakes get the new one.
-//! - A client certificate is optional at the handshake (`Registration` has none: the bootstrap
-//!   token is its credential) but, when one is presented, it must chain to the mesh CA, be valid
-//!   now and be meant for client authentication, or the handshake fails. The `Relay` service then
-//!   requires one (see `service.rs`).
-//! - Every refused handshake is logged with the peer address and counted by reason.
+//! - [`load_ca`]: the mesh CA: an operator's (`--ca-cert`, `--ca-key`) or the built-in one in
+//!   `--data-dir`.
+//! - [`ServerCert`]: the controller's server certificate for [`CONTROLLER_SERVER_NAME`], one
+//!   for both ports; its key is made in memory and never written anywhere. It is re-issued at
+//!   half-life without a restart: new handshakes get the new one.
+//! - [`server_config`]: a client certificate, when presented, must chain to the mesh CA, be
+//!   valid now and be meant for client authentication, or the handshake fails. On the relay it
+//!   is optional at the handshake (`Registration` has none: the bootstrap token is its
+//!   credential; the `Relay` service then requires one); on the xDS port it is required.
+//! - [`incoming`]: handshakes done concurrently under the port's limits; every refused
+//!   handshake is counted by reason and logged (once per reason and window).
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -28,10 +34,41 @@ use tracing::{debug, info, warn};
 use vmesh_layout::unix_secs;
 use vmesh_retry::Backoff;
 use vmesh_runtime::Shutdown;
-use vmesh_tls::{new_key_and_csr, CertificateAuthority, CONTROLLER_SERVER_NAME};
+use vmesh_tls::{
+    certificate_not_after, new_key_and_csr, BuiltinCa, CertificateAuthority, CONTROLLER_SERVER_NAME,
+};
 
-use super::refusals::Refusals;
 use crate::listener::{Acceptor, Guarded};
+use crate::refusals::Refusals;
+
+/// The mesh CA: the operator's (`ca_cert` and `ca_key`, PEM files), else the built-in one in
+/// `<data_dir>/ca/` (created on first start).
+pub fn load_ca(
+    ca_cert: Option<&Path>,
+    ca_key: Option<&Path>,
+    data_dir: Option<&Path>,
+    trust_domain: &str,
+) -> anyhow::Result<BuiltinCa> {
+    match (ca_cert, ca_key, data_dir) {
+        (Some(cert), Some(key), _) => {
+            let cert_pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("--ca-cert {}", cert.display()))?;
+            let key_pem = std::fs::read_to_string(key)
+                .with_context(|| format!("--ca-key {}", key.display()))?;
+            BuiltinCa::from_pem(&cert_pem, &key_pem, trust_domain).context("--ca-cert/--ca-key")
+        }
+        (_, _, Some(dir)) => {
+            let dir = dir.join("ca");
+            let ca = BuiltinCa::load_or_create(&dir, trust_domain)
+                .with_context(|| format!("built-in CA in {}", dir.display()))?;
+            info!(dir = %dir.display(), "using the built-in CA");
+            Ok(ca)
+        }
+        _ => anyhow::bail!(
+            "the relay needs a CA: --data-dir (the built-in CA keeps its key there) or --ca-cert and --ca-key"
+        ),
+    }
+}
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,12 +148,12 @@ impl ServerCert {
                     wait = Duration::ZERO;
                     info!(
                         not_after_unix = unix_secs(not_after),
-                        "relay server certificate renewed"
+                        "controller server certificate renewed"
                     );
                 }
                 Err(e) => {
                     wait = backoff.next_delay().max(Duration::from_secs(1));
-                    warn!(error = %e, retry_in_s = wait.as_secs(), "cannot renew the relay server certificate");
+                    warn!(error = %e, retry_in_s = wait.as_secs(), "cannot renew the controller server certificate");
                 }
             }
         }
@@ -155,11 +192,21 @@ fn certified_key(
     Ok((CertifiedKey::new(chain, signing), issued.not_after))
 }
 
-/// The listener's TLS configuration: our certificate, and client certificates verified against
-/// `trust_bundle_pem` when presented.
+/// Whether a port's clients must present a certificate at the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCert {
+    /// Verified when presented (the relay: registration has none).
+    Optional,
+    /// Required (the xDS port).
+    Required,
+}
+
+/// A listener's TLS configuration: our certificate, and client certificates verified against
+/// `trust_bundle_pem`.
 pub fn server_config(
     cert: Arc<ServerCert>,
     trust_bundle_pem: &str,
+    client: ClientCert,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(trust_bundle_pem.as_bytes()) {
@@ -168,9 +215,11 @@ pub fn server_config(
             .add(der)
             .map_err(|e| anyhow::anyhow!("trust bundle: {e}"))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let verifier = match client {
+        ClientCert::Optional => builder.allow_unauthenticated().build()?,
+        ClientCert::Required => builder.build()?,
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -203,12 +252,27 @@ pub fn incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         // The place under the cap goes with the connection; the silence
-                        // deadline starts after the handshake.
-                        let _ = tx.send(Ok(Guarded::new(tls, permit, first_bytes))).await;
+                        // deadline starts after the handshake; the connection ends when the
+                        // client certificate does.
+                        let expiry = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .and_then(|leaf| certificate_not_after(leaf).ok());
+                        let mut conn = Guarded::new(tls, permit, first_bytes);
+                        if let Some(not_after) = expiry {
+                            conn = conn.with_lifetime(
+                                not_after
+                                    .duration_since(SystemTime::now())
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => refused(&refusals, peer, &e),
                     Err(_) => refusals.note("handshake_timeout", Some(peer), || {
-                        warn!(%peer, "relay TLS handshake refused: not completed within 10 s");
+                        warn!(%peer, "TLS handshake refused: not completed within 10 s");
                     }),
                 }
             });
@@ -222,6 +286,7 @@ fn refused(refusals: &Refusals, peer: SocketAddr, error: &io::Error) {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     let reason = match tls {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
         Some(rustls::Error::InvalidCertificate(cert)) => match cert {
             rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
                 "certificate_expired"
@@ -238,12 +303,12 @@ fn refused(refusals: &Refusals, peer: SocketAddr, error: &io::Error) {
         // The client hung up or spoke something else than TLS.
         None => {
             refusals.note("tls_handshake", Some(peer), || {
-                debug!(%peer, error = %error, "relay connection closed during the TLS handshake");
+                debug!(%peer, error = %error, "connection closed during the TLS handshake");
             });
             return;
         }
     };
     refusals.note(reason, Some(peer), || {
-        warn!(%peer, reason, error = %error, "relay TLS handshake refused");
+        warn!(%peer, reason, error = %error, "TLS handshake refused");
     });
 }
