@@ -109,12 +109,13 @@ impl Credentials {
     }
 }
 
+/// Seconds since the Unix epoch as a time; one before the epoch, or too far in the future to
+/// represent, is the epoch (a certificate valid until then is expired: the agent registers again).
 pub fn unix_to_system(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH
-    }
+    u64::try_from(secs)
+        .ok()
+        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 pub fn system_to_unix(t: SystemTime) -> i64 {

@@ -125,6 +125,10 @@ pub struct Args {
     #[arg(long, env = "VMESH_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub first_bytes_timeout: Duration,
 
+    /// How long a TLS handshake (relay and xDS ports) may take before the connection is closed.
+    #[arg(long, env = "VMESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// How long an admin request may take: to send its headers (or, on a kept-alive
     /// connection, to start), to be answered, and to read the answer.
     #[arg(long, env = "VMESH_ADMIN_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -161,6 +165,7 @@ impl Args {
         crate::listener::Limits {
             max_connections,
             first_bytes: self.first_bytes_timeout,
+            handshake: self.handshake_timeout,
         }
     }
 }

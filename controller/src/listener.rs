@@ -40,6 +40,8 @@ pub struct Limits {
     /// How long after it is accepted (after the TLS handshake, on a TLS port) a connection may
     /// stay silent.
     pub first_bytes: Duration,
+    /// How long a TLS port's handshake may take.
+    pub handshake: Duration,
 }
 
 /// The limits of an HTTP/2 (gRPC) server on a port.
@@ -420,6 +422,7 @@ mod tests {
             Limits {
                 max_connections,
                 first_bytes,
+                handshake: Duration::from_secs(10),
             },
             "test",
         )

@@ -70,9 +70,6 @@ pub fn load_ca(
     }
 }
 
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -237,7 +234,7 @@ pub fn incoming(
     refusals: Arc<Refusals>,
 ) -> ReceiverStream<Result<Guarded<TlsStream<TcpStream>>, io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
-    let first_bytes = listener.limits().first_bytes;
+    let limits = listener.limits();
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -249,7 +246,7 @@ pub fn incoming(
             let tx = tx.clone();
             let refusals = refusals.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         // The place under the cap goes with the connection; the silence
                         // deadline starts after the handshake; the connection ends when the
@@ -260,7 +257,7 @@ pub fn incoming(
                             .peer_certificates()
                             .and_then(|certs| certs.first())
                             .and_then(|leaf| certificate_not_after(leaf).ok());
-                        let mut conn = Guarded::new(tls, permit, first_bytes);
+                        let mut conn = Guarded::new(tls, permit, limits.first_bytes);
                         if let Some(not_after) = expiry {
                             conn = conn.with_lifetime(
                                 not_after
@@ -272,7 +269,7 @@ pub fn incoming(
                     }
                     Ok(Err(e)) => refused(&refusals, peer, &e),
                     Err(_) => refusals.note("handshake_timeout", Some(peer), || {
-                        warn!(%peer, "TLS handshake refused: not completed within 10 s");
+                        warn!(%peer, timeout = ?limits.handshake, "TLS handshake refused: not completed in time");
                     }),
                 }
             });

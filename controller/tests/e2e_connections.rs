@@ -235,3 +235,30 @@ fn an_xds_request_over_the_message_limit_ends_only_its_own_stream() {
     c.write("web.yaml", &web("v2"));
     wait_served_by(port, "/", &[], "v2");
 }
+
+#[test]
+fn a_client_is_told_how_many_streams_it_may_open_on_one_connection() {
+    let c = Controller::start_with(&[], &["--max-streams-per-connection", "5"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let advertised = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(c.xds_addr()).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        // The server's SETTINGS arrive right after the handshake.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut client = client.ready().await.unwrap();
+        loop {
+            let n = client.current_max_send_streams();
+            if n != usize::MAX || tokio::time::Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            client = client.ready().await.unwrap();
+        }
+    });
+    // Before the limit, one connection took 5,000 ADS streams (about 75 KiB each).
+    assert_eq!(advertised, 5);
+}

@@ -273,3 +273,56 @@ fn tokens_register_only_what_they_were_made_for() {
     rt.block_on(register(&relay, &agent_token, "vm-75", None, ip(75)))
         .unwrap();
 }
+
+#[test]
+fn a_connection_that_finishes_tls_and_says_nothing_is_closed() {
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt as _;
+
+    let consul = ConsulEmulator::start();
+    let relay = RelayController::start(&consul, &["--first-bytes-timeout", "1s"]);
+    let ca = std::fs::read_to_string(relay.ca_file()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let rt = runtime();
+    let (closed, closed_after) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(relay.relay_addr())
+            .await
+            .unwrap();
+        let name =
+            rustls::pki_types::ServerName::try_from(vmesh_tls::CONTROLLER_SERVER_NAME).unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        // Say nothing (but read what the server says first: its HTTP/2 SETTINGS); the
+        // controller closes the connection.
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        (read.is_ok(), t0.elapsed())
+    });
+    assert!(closed, "the connection was never closed");
+    assert!(
+        closed_after >= std::time::Duration::from_millis(900),
+        "closed after {closed_after:?}, before the deadline"
+    );
+    relay.assert_alive();
+}

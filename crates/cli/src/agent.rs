@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -159,7 +159,8 @@ pub fn agent_table(rows: &[Row]) -> String {
             r.dc.clone(),
             reg.map_or("-".to_string(), |a| a.address.clone()),
             reg.map_or("-".to_string(), |a| {
-                time(UNIX_EPOCH + Duration::from_secs(a.not_after_unix))
+                vmesh_layout::from_unix_secs(a.not_after_unix)
+                    .map_or_else(|| format!("{} (invalid)", a.not_after_unix), time)
             }),
             reg.map_or("-".to_string(), |a| a.token_id.clone()),
             match &r.reason {

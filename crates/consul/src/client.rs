@@ -458,7 +458,9 @@ fn expect_bool(status: StatusCode, body: &[u8]) -> Result<bool, ConsulError> {
     }
 }
 
-fn decode_entries(body: &[u8]) -> Result<Vec<KvEntry>, ConsulError> {
+/// The entries of a KV read's body as Consul sends it: a JSON array, values in base64 (`null`
+/// for a folder). Public for the fuzz targets.
+pub fn decode_entries(body: &[u8]) -> Result<Vec<KvEntry>, ConsulError> {
     let wire: Vec<WireEntry> =
         serde_json::from_slice(body).map_err(|e| ConsulError::Decode(e.to_string()))?;
     wire.into_iter()

@@ -13,7 +13,7 @@ mod watcher;
 pub use agent::{
     parse_agent_checks, parse_agent_self, parse_agent_services, AgentSelf, LocalCheck, LocalService,
 };
-pub use client::{Client, Indexed, KvEntry, SessionRequest, WriteOptions};
+pub use client::{decode_entries, Client, Indexed, KvEntry, SessionRequest, WriteOptions};
 pub use config::{ConsulConfig, ConsulEnv};
 #[cfg(feature = "clap")]
 pub use flags::ConsulFlags;

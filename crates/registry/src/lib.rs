@@ -380,7 +380,7 @@ impl Registry {
     pub async fn agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, RegistryError> {
         let key = self.registration_key(id)?;
         match self.client.kv_get(&key).await? {
-            Some(entry) => Ok(Some(self.decode_agent(&entry)?)),
+            Some(entry) => Ok(Some(self.decode_registration(&entry)?)),
             None => Ok(None),
         }
     }
@@ -390,7 +390,7 @@ impl Registry {
         self.list(&self.layout.agents_prefix())
             .await?
             .iter()
-            .map(|e| self.decode_agent(e))
+            .map(|e| self.decode_registration(e))
             .collect()
     }
 
@@ -559,7 +559,8 @@ impl Registry {
         }
     }
 
-    fn decode_agent(&self, entry: &KvEntry) -> Result<AgentRecord, RegistryError> {
+    /// A registration record (an agent's or a gateway's), checked against its key.
+    pub fn decode_registration(&self, entry: &KvEntry) -> Result<AgentRecord, RegistryError> {
         self.decode_keyed(
             entry,
             |a: &AgentRecord| &a.spiffe_id,

@@ -548,7 +548,9 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 fn unix_to_system(secs: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 fn to_offset(t: SystemTime) -> OffsetDateTime {

@@ -446,7 +446,15 @@ mod unix_secs {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        Ok(UNIX_EPOCH + Duration::from_secs(u64::deserialize(d)?))
+        time(u64::deserialize(d)?)
+    }
+
+    /// A time in seconds since the Unix epoch, refused when the system cannot represent it (a
+    /// record is outside input: `UNIX_EPOCH + huge` would panic).
+    pub(super) fn time<E: serde::de::Error>(secs: u64) -> Result<SystemTime, E> {
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))
+            .ok_or_else(|| E::custom(format!("{secs} is not a time this system can represent")))
     }
 }
 
@@ -458,7 +466,9 @@ mod opt_unix_secs {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(|s| UNIX_EPOCH + Duration::from_secs(s)))
+        Option::<u64>::deserialize(d)?
+            .map(super::unix_secs::time)
+            .transpose()
     }
 }
 
@@ -489,6 +499,18 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn a_record_with_a_time_out_of_range_is_refused_not_a_panic() {
+        // Found by the kv_value fuzz target: the watch of <prefix>/tokens/ panicked on it.
+        let json = r#"{"id":"0123456789abcdef","created_unix":1700000000,"expires_unix":18000000000000000000,"secret_sha256":"00000000000000000000000000000000000000000000000000000000000000ff"}"#;
+        let e = TokenRecord::from_json(json).unwrap_err();
+        assert!(e.to_string().contains("not a time"), "{e}");
+        let json = json
+            .replace("\"expires_unix\":18000000000000000000,", "")
+            .replace("1700000000", "18000000000000000000");
+        assert!(TokenRecord::from_json(&json).is_err());
     }
 
     #[test]
