@@ -70,7 +70,7 @@ pub struct CreateArgs {
     #[arg(long, conflicts_with = "gateway")]
     pub node: Option<String>,
     /// A token for the edge gateway whose Envoy has this proxy id (node id), for
-    /// `vmesh-agent gateway` to get the client certificate the controller's xDS port asks for.
+    /// `vmesh-agent --gateway` to get the client certificate the controller's xDS port asks for.
     /// It registers nothing else; an agent's token registers no gateway.
     #[arg(long)]
     pub gateway: Option<String>,
@@ -200,11 +200,16 @@ fn create(args: &CreateArgs) -> anyhow::Result<ExitCode> {
             let (registers, hand_to) = match (&args.gateway, &args.node) {
                 (Some(g), _) => (
                     format!("gateway {g} only"),
-                    "the gateway's `vmesh-agent gateway` as\n\
-                     VMESH_AGENT_TOKEN=<secret>, or in a file: vmesh-agent gateway --token-file <file>",
+                    format!(
+                        "the gateway's agent as\nVMESH_AGENT_TOKEN=<secret>, or in a file: \
+                         vmesh-agent --gateway {g} --token-file <file>"
+                    ),
                 ),
-                (None, Some(n)) => (format!("the agent of node {n} only"), AGENT_HAND_TO),
-                (None, None) => ("agents on any node".to_string(), AGENT_HAND_TO),
+                (None, Some(n)) => (
+                    format!("the agent of node {n} only"),
+                    AGENT_HAND_TO.to_string(),
+                ),
+                (None, None) => ("agents on any node".to_string(), AGENT_HAND_TO.to_string()),
             };
             eprintln!(
                 "Created bootstrap token {id}: expires {}, {}, registers {registers}.\n\
