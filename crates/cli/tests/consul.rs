@@ -421,7 +421,7 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
     // What the leader writes (controller/src/status.rs ObjectStatus).
     let status = serde_json::json!({
         "kind": "VirtualService", "name": "shop", "state": "Rejected",
-        "errors": [{"path": "spec.routes[0].upstream", "message": "no Upstream named shop"}],
+        "errors": [{"path": "spec.routes[0].match.regex", "message": "invalid regex: unclosed group"}],
         "warnings": [], "source": "vmesh/config/VirtualService/shop", "version": "0123456789abcdef",
         "servingLastGood": true, "servingVersion": "fedcba9876543210",
         "configModifyIndex": judged, "proxies": {"total": 2, "acked": 1}
@@ -446,7 +446,7 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
     );
     assert!(
         out.stdout
-            .contains("  error: spec.routes[0].upstream: no Upstream named shop"),
+            .contains("  error: spec.routes[0].match.regex: invalid regex: unclosed group"),
         "{out}"
     );
     assert!(

@@ -46,10 +46,12 @@ pub use upstream::{
     StaticDiscovery, StaticHost, UpstreamSpec, DEFAULT_CONNECT_TIMEOUT,
 };
 pub use validate::is_valid_name;
+pub use virtual_service::domain_host;
 pub use virtual_service::{
     DirectResponse, HeaderAdd, HeaderMatch, HeaderMutations, Method, PathMatch,
     QueryParameterMatch, Redirect, Retries, Route, RouteAction, RouteMatch, RouteOptions,
-    SplitBackend, ValueMatch, VirtualServiceSpec, DEFAULT_RETRY_ON, RETRY_ON_VALUES,
+    SplitBackend, ValueMatch, VirtualServiceSpec, DEFAULT_RETRY_ON, DEFAULT_ROUTE_TIMEOUT,
+    MAX_ROUTE_TIMEOUT, RETRY_ON_VALUES,
 };
 
 /// A stable content hash (xxh3, 16 hex digits), the same on every machine and process.

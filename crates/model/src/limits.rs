@@ -55,6 +55,8 @@ pub const MAX_PROBLEMS_SHOWN: usize = 20;
 
 /// `spec.domains` of a VirtualService.
 pub const MAX_DOMAINS: usize = 100;
+/// The largest `directResponse.body` (the gateway's route configuration allows this much).
+pub const MAX_DIRECT_RESPONSE_BODY: usize = 64 * 1024;
 /// `spec.routes` of a VirtualService.
 pub const MAX_ROUTES: usize = 200;
 /// `split` of one route.

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
 use crate::limits::{
-    at_most, MAX_DOMAINS, MAX_HEADER_MUTATIONS, MAX_MATCHERS, MAX_REGEXES, MAX_ROUTES, MAX_SPLIT,
+    at_most, MAX_DIRECT_RESPONSE_BODY, MAX_DOMAINS, MAX_HEADER_MUTATIONS, MAX_MATCHERS,
+    MAX_REGEXES, MAX_ROUTES, MAX_SPLIT,
 };
 use crate::problem::{field, index, Problem};
 use crate::validate::{
@@ -17,21 +18,35 @@ use crate::validate::{
 pub const DEFAULT_RETRY_ON: &str = "5xx,connect-failure,reset";
 
 /// The `retry_on` values of Envoy's router that `retries.retryOn` accepts.
-pub const RETRY_ON_VALUES: [&str; 10] = [
+pub const RETRY_ON_VALUES: [&str; 8] = [
     "5xx",
     "gateway-error",
     "reset",
     "connect-failure",
     "envoy-ratelimited",
     "retriable-4xx",
-    "refused-stream",
     "retriable-status-codes",
     "retriable-headers",
-    "http3-post-connect-failure",
+];
+
+/// `retry_on` values of Envoy's that can never fire on a vmesh route (its upstreams speak
+/// HTTP/1.1), with why.
+const RETRY_ON_NEVER: [(&str, &str); 2] = [
+    (
+        "refused-stream",
+        "an HTTP/2 REFUSED_STREAM, and vmesh speaks HTTP/1.1 to upstreams",
+    ),
+    (
+        "http3-post-connect-failure",
+        "an HTTP/3 failure, and vmesh speaks HTTP/1.1 to upstreams",
+    ),
 ];
 
 const MAX_RETRY_ATTEMPTS: u32 = 10;
-const MAX_DIRECT_RESPONSE_BODY: usize = 64 * 1024;
+/// The longest `timeout` and `perTryTimeout`.
+pub const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Envoy's route timeout when `timeout` is not set.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +279,12 @@ pub struct Retries {
     pub per_try_timeout: Option<Duration>,
     #[serde(default = "default_retry_on")]
     pub retry_on: String,
+    /// The status codes `retriable-status-codes` retries on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<u16>,
+    /// The response headers `retriable-headers` retries on (when present).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_headers: Vec<String>,
 }
 
 fn default_retry_on() -> String {
@@ -539,7 +560,10 @@ impl DirectResponse {
         }
         if let Some(body) = &self.body {
             if body.len() > MAX_DIRECT_RESPONSE_BODY {
-                problems.push(Problem::new(field(path, "body"), "must be at most 64 KiB"));
+                problems.push(Problem::new(
+                    field(path, "body"),
+                    format!("must be at most {} KiB", MAX_DIRECT_RESPONSE_BODY / 1024),
+                ));
             }
         }
     }
@@ -548,15 +572,23 @@ impl DirectResponse {
 impl RouteOptions {
     fn validate(&self, path: &str, forwards: bool, prefix_match: bool, problems: &mut Problems) {
         let only_forwarding = "only applies to routes with an upstream or split action";
-        if self.timeout.is_some() && !forwards {
-            problems.push(Problem::new(field(path, "timeout"), only_forwarding));
+        if let Some(timeout) = self.timeout {
+            if !forwards {
+                problems.push(Problem::new(field(path, "timeout"), only_forwarding));
+            }
+            if timeout > MAX_ROUTE_TIMEOUT {
+                problems.push(Problem::new(
+                    field(path, "timeout"),
+                    format!("must be at most {MAX_ROUTE_TIMEOUT} (0s disables it)"),
+                ));
+            }
         }
         if let Some(retries) = &self.retries {
             let p = field(path, "retries");
             if !forwards {
                 problems.push(Problem::new(&p, only_forwarding));
             }
-            retries.validate(&p, problems);
+            retries.validate(&p, self.timeout, problems);
         }
         if let Some(rewrite) = &self.prefix_rewrite {
             let p = field(path, "prefixRewrite");
@@ -582,21 +614,44 @@ impl Retries {
         self.retry_on.split(',').map(str::trim).collect()
     }
 
-    fn validate(&self, path: &str, problems: &mut Problems) {
+    /// `timeout`: the route's (`None`: Envoy's default of 15 s; `0s`: none).
+    fn validate(&self, path: &str, timeout: Option<Duration>, problems: &mut Problems) {
         if !(1..=MAX_RETRY_ATTEMPTS).contains(&self.attempts) {
             problems.push(Problem::new(
                 field(path, "attempts"),
                 format!("must be between 1 and {MAX_RETRY_ATTEMPTS}"),
             ));
         }
-        if self.per_try_timeout.is_some_and(Duration::is_zero) {
-            problems.push(Problem::new(
-                field(path, "perTryTimeout"),
-                "must be greater than 0s",
-            ));
+        if let Some(per_try) = self.per_try_timeout {
+            let p = field(path, "perTryTimeout");
+            let route = timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT);
+            if per_try.is_zero() {
+                problems.push(Problem::new(p, "must be greater than 0s"));
+            } else if per_try > MAX_ROUTE_TIMEOUT {
+                problems.push(Problem::new(
+                    p,
+                    format!("must be at most {MAX_ROUTE_TIMEOUT}"),
+                ));
+            } else if !route.is_zero() && per_try > route {
+                let which = if timeout.is_some() {
+                    "the route's timeout"
+                } else {
+                    "the route's timeout (15s when not set)"
+                };
+                problems.push(Problem::new(
+                    p,
+                    format!("{per_try} is longer than {which}, {route}: no retry could start"),
+                ));
+            }
         }
-        for item in self.retry_on_items() {
-            if !RETRY_ON_VALUES.contains(&item) {
+        let items = self.retry_on_items();
+        for item in &items {
+            if let Some((_, why)) = RETRY_ON_NEVER.iter().find(|(v, _)| v == item) {
+                problems.push(Problem::new(
+                    field(path, "retryOn"),
+                    format!("{item:?} can never fire: it means {why}"),
+                ));
+            } else if !RETRY_ON_VALUES.contains(item) {
                 problems.push(Problem::new(
                     field(path, "retryOn"),
                     format!(
@@ -605,6 +660,55 @@ impl Retries {
                     ),
                 ));
             }
+        }
+        let codes_path = field(path, "retriableStatusCodes");
+        let codes_wanted = items.contains(&"retriable-status-codes");
+        match (codes_wanted, self.retriable_status_codes.is_empty()) {
+            (true, true) => problems.push(Problem::new(
+                &codes_path,
+                "list the status codes that retryOn \"retriable-status-codes\" retries on",
+            )),
+            (false, false) => problems.push(Problem::new(
+                &codes_path,
+                "only used with retryOn \"retriable-status-codes\"; add it there",
+            )),
+            _ => {}
+        }
+        let codes = at_most(
+            &codes_path,
+            &self.retriable_status_codes,
+            MAX_MATCHERS,
+            problems,
+        );
+        for (i, code) in codes.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                problems.push(Problem::new(
+                    index(&codes_path, i),
+                    "must be an HTTP status code between 100 and 599",
+                ));
+            }
+        }
+        let headers_path = field(path, "retriableHeaders");
+        let headers_wanted = items.contains(&"retriable-headers");
+        match (headers_wanted, self.retriable_headers.is_empty()) {
+            (true, true) => problems.push(Problem::new(
+                &headers_path,
+                "list the response headers that retryOn \"retriable-headers\" retries on",
+            )),
+            (false, false) => problems.push(Problem::new(
+                &headers_path,
+                "only used with retryOn \"retriable-headers\"; add it there",
+            )),
+            _ => {}
+        }
+        let headers = at_most(
+            &headers_path,
+            &self.retriable_headers,
+            MAX_MATCHERS,
+            problems,
+        );
+        for (i, name) in headers.iter().enumerate() {
+            check_match_header_name(&index(&headers_path, i), name, problems);
         }
     }
 }
@@ -682,6 +786,13 @@ fn is_host_chars(host: &str) -> bool {
 }
 
 /// Splits `host:port` (the port being all digits); IPv6 literals must use brackets.
+/// The host of a domain, without its port: requests are matched on the host alone (the
+/// gateway strips the port from `Host`), so `shop.example.com:8080` matches as
+/// `shop.example.com`.
+pub fn domain_host(domain: &str) -> &str {
+    split_port(domain).0
+}
+
 fn split_port(value: &str) -> (&str, Option<&str>) {
     match value.rsplit_once(':') {
         Some((host, port))

@@ -956,7 +956,63 @@ fn route_options_retries() {
     assert_eq!(retries.retry_on, DEFAULT_RETRY_ON);
     assert_eq!(retries.per_try_timeout, None);
     assert_valid(r(json!({"attempts": 10, "perTryTimeout": "250ms",
-        "retryOn": "5xx, gateway-error,reset,connect-failure,envoy-ratelimited,retriable-4xx,refused-stream,retriable-status-codes,retriable-headers,http3-post-connect-failure"})));
+        "retryOn": "5xx, gateway-error,reset,connect-failure,envoy-ratelimited,retriable-4xx,retriable-status-codes,retriable-headers",
+        "retriableStatusCodes": [429, 503], "retriableHeaders": ["x-retry-me"]})));
+    // Conditions that can never fire on an HTTP/1.1 upstream are refused, and so are the
+    // lists of the conditions that need them, one without the other.
+    for (never, why) in [
+        ("refused-stream", "HTTP/2"),
+        ("http3-post-connect-failure", "HTTP/3"),
+    ] {
+        assert_problem(
+            r(json!({"attempts": 1, "retryOn": format!("5xx,{never}")})),
+            "spec.routes[0].options.retries.retryOn",
+            why,
+        );
+    }
+    assert_problem(
+        r(json!({"attempts": 1, "retryOn": "retriable-status-codes"})),
+        "spec.routes[0].options.retries.retriableStatusCodes",
+        "list the status codes",
+    );
+    assert_problem(
+        r(json!({"attempts": 1, "retriableStatusCodes": [503]})),
+        "spec.routes[0].options.retries.retriableStatusCodes",
+        "only used with retryOn",
+    );
+    assert_problem(
+        r(
+            json!({"attempts": 1, "retryOn": "retriable-status-codes", "retriableStatusCodes": [99]}),
+        ),
+        "spec.routes[0].options.retries.retriableStatusCodes[0]",
+        "between 100 and 599",
+    );
+    assert_problem(
+        r(json!({"attempts": 1, "retryOn": "retriable-headers"})),
+        "spec.routes[0].options.retries.retriableHeaders",
+        "list the response headers",
+    );
+    // A try longer than the whole request could never be retried.
+    assert_problem(
+        r(json!({"attempts": 1, "perTryTimeout": "20s"})),
+        "spec.routes[0].options.retries.perTryTimeout",
+        "15s when not set",
+    );
+    assert_problem(
+        vs_route(json!({"upstream": "web", "options": {"timeout": "2s",
+            "retries": {"attempts": 1, "perTryTimeout": "3s"}}})),
+        "spec.routes[0].options.retries.perTryTimeout",
+        "longer than the route's timeout, 2s",
+    );
+    assert_valid(vs_route(
+        json!({"upstream": "web", "options": {"timeout": "0s",
+        "retries": {"attempts": 1, "perTryTimeout": "30m"}}}),
+    ));
+    assert_problem(
+        vs_route(json!({"upstream": "web", "options": {"timeout": "2h"}})),
+        "spec.routes[0].options.timeout",
+        "at most 1h",
+    );
     for bad in [0, 11] {
         assert_problem(
             r(json!({"attempts": bad})),

@@ -9,17 +9,20 @@ use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, 
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier},
+    http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use prost::{Message, Name};
-use vmesh_model::{Config, GatewaySpec, ObjectKey};
+use vmesh_model::limits::MAX_DIRECT_RESPONSE_BODY;
+use vmesh_model::{domain_host, Config, GatewaySpec, ObjectKey};
 use vmesh_xds::resource::{CLUSTER, LISTENER, ROUTE};
 use vmesh_xds::{Resource, ResourceRef};
 
 use crate::routes::VirtualServiceRoutes;
-use crate::upstream::{socket_address, UpstreamResources};
+use crate::upstream::{
+    socket_address, unavailable_cluster, UpstreamResources, UNAVAILABLE_CLUSTER,
+};
 use crate::{ads_config_source, ProxyOutput, Reports};
 
 /// Name of the Listener of gateway `gateway`.
@@ -51,6 +54,8 @@ pub(crate) fn translate_all(
     // Per proxy, the sockets taken so far, with the gateway that took each.
     let mut sockets: BTreeMap<&str, Vec<(IpAddr, u16, &str)>> = BTreeMap::new();
     let mut served: BTreeSet<&str> = BTreeSet::new();
+    // The cluster of unavailable upstreams, made once if any route needs it.
+    let mut unavailable: Option<Arc<Resource>> = None;
 
     for (name, spec) in &config.gateways {
         let key = ObjectKey::gateway(name);
@@ -95,6 +100,11 @@ pub(crate) fn translate_all(
                     let origin = BTreeSet::from([ObjectKey::upstream(cluster)]);
                     out.insert(&u.cluster, origin.clone());
                     out.insert(&u.endpoints, origin);
+                } else if cluster == UNAVAILABLE_CLUSTER {
+                    out.insert(
+                        unavailable.get_or_insert_with(unavailable_cluster),
+                        resources.route_origins.clone(),
+                    );
                 }
             }
         }
@@ -162,8 +172,23 @@ fn translate_gateway<'c>(
         let vs_key = ObjectKey::virtual_service(vs_name);
         let mut domains = Vec::new();
         for (i, domain) in vs_spec.domains.iter().enumerate() {
-            let lower = domain.to_ascii_lowercase();
+            // Requests are matched on the host alone: the connection manager strips the port.
+            let host = domain_host(domain);
+            if host != domain {
+                reports.warn(
+                    vs_key.clone(),
+                    format!("spec.domains[{i}]"),
+                    format!(
+                        "the port of {domain:?} is ignored: requests are matched on the host name, whatever the port"
+                    ),
+                );
+            }
+            let lower = host.to_ascii_lowercase();
             if let Some(owner) = domain_owner.get(&lower) {
+                if *owner == vs_name.as_str() {
+                    // The same host listed again with another port.
+                    continue;
+                }
                 reports.warn(
                     vs_key.clone(),
                     format!("spec.domains[{i}]"),
@@ -173,7 +198,7 @@ fn translate_gateway<'c>(
                 );
             } else {
                 domain_owner.insert(lower, vs_name.as_str());
-                domains.push(domain.clone());
+                domains.push(host.to_string());
             }
         }
         if domains.is_empty() {
@@ -200,6 +225,10 @@ fn translate_gateway<'c>(
     let route_config = RouteConfiguration {
         name: rc_name.clone(),
         virtual_hosts,
+        // Envoy's default is 4 KiB; a direct response may be as long as the model allows.
+        max_direct_response_body_size_bytes: Some(UInt32Value {
+            value: MAX_DIRECT_RESPONSE_BODY as u32,
+        }),
         ..Default::default()
     };
     let route_refs = clusters
@@ -242,6 +271,9 @@ fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
             config_source: Some(ads_config_source()),
             route_config_name: rc_name.to_string(),
         })),
+        // `Host: shop.example.com:8080` matches the domain `shop.example.com`, as browsers and
+        // curl send it to a gateway on a port other than 80.
+        strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
         http_filters: vec![router],
         ..Default::default()
     };

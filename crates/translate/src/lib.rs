@@ -27,6 +27,7 @@ mod routes;
 mod upstream;
 
 pub use gateway::{listener_name, route_config_name};
+pub use upstream::UNAVAILABLE_CLUSTER;
 
 /// What the translator produces.
 #[derive(Clone, Debug, Default, PartialEq)]

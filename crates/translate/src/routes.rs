@@ -2,8 +2,10 @@
 //!
 //! Each virtual service is translated once, whatever the number of gateways that
 //! serve it, so its warnings are reported once. A route whose upstream is not
-//! available is never dropped silently: a split loses only the missing backends,
-//! and a route left with none answers 503 saying which upstream is unavailable.
+//! available is never dropped silently, and its traffic never moves elsewhere: the
+//! missing upstream's share (all of it, or its weight in a split, the proportions
+//! kept) goes to [`UNAVAILABLE_CLUSTER`], which answers 503, and the object shows a
+//! warning naming the upstream (a response never does).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +33,7 @@ use vmesh_model::{
     RouteOptions, ValueMatch, VirtualServiceSpec,
 };
 
+use crate::upstream::UNAVAILABLE_CLUSTER;
 use crate::{pb_duration, Reports};
 
 /// A translated virtual service.
@@ -90,53 +93,45 @@ fn translate_action(
     reports: &mut Reports,
     clusters: &mut BTreeSet<String>,
 ) -> Action {
-    let unavailable = |field: String, upstream: &str, reports: &mut Reports| -> bool {
+    // The cluster of `upstream`, or the unavailable one (with a warning on `field` saying
+    // what becomes of `share` of the traffic).
+    let mut cluster_for = |field: String, upstream: &str, share: &str, reports: &mut Reports| {
         if config.upstreams.contains_key(upstream) {
-            return false;
+            clusters.insert(upstream.to_string());
+            return upstream.to_string();
         }
         let reason = reports.unavailable_reason(&ObjectKey::upstream(upstream));
         reports.warn(
             key.clone(),
             field,
-            format!("upstream {upstream:?} {reason}"),
+            format!("upstream {upstream:?} {reason}; {share} is answered 503"),
         );
-        true
+        clusters.insert(UNAVAILABLE_CLUSTER.to_string());
+        UNAVAILABLE_CLUSTER.to_string()
     };
     match route.action() {
         Some(RouteAction::Upstream(upstream)) => {
-            if unavailable(format!("{path}.upstream"), upstream, reports) {
-                return unavailable_response(&[upstream]);
-            }
-            clusters.insert(upstream.to_string());
+            let cluster = cluster_for(format!("{path}.upstream"), upstream, "its traffic", reports);
             Action::Route(route_action(
-                ClusterSpecifier::Cluster(upstream.to_string()),
+                ClusterSpecifier::Cluster(cluster),
                 route.options.as_ref(),
             ))
         }
         Some(RouteAction::Split(backends)) => {
-            let mut kept = Vec::new();
-            let mut missing = Vec::new();
-            for (j, backend) in backends.iter().enumerate() {
-                let field = format!("{path}.split[{j}].upstream");
-                if unavailable(field, &backend.upstream, reports) {
-                    missing.push(backend.upstream.as_str());
-                } else {
-                    kept.push(backend);
-                }
-            }
-            if kept.is_empty() {
-                return unavailable_response(&missing);
-            }
+            let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
             let weighted = WeightedCluster {
-                clusters: kept
+                clusters: backends
                     .iter()
-                    .map(|b| {
-                        clusters.insert(b.upstream.clone());
-                        ClusterWeight {
-                            name: b.upstream.clone(),
-                            weight: Some(UInt32Value { value: b.weight }),
-                            ..Default::default()
-                        }
+                    .enumerate()
+                    .map(|(j, b)| ClusterWeight {
+                        name: cluster_for(
+                            format!("{path}.split[{j}].upstream"),
+                            &b.upstream,
+                            &format!("its share ({} of {total})", b.weight),
+                            reports,
+                        ),
+                        weight: Some(UInt32Value { value: b.weight }),
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()
@@ -159,24 +154,6 @@ fn translate_action(
     }
 }
 
-fn unavailable_response(upstreams: &[&str]) -> Action {
-    let body = match upstreams {
-        [one] => format!("upstream {one:?} is unavailable\n"),
-        many => format!(
-            "upstreams {} are unavailable\n",
-            many.iter()
-                .map(|u| format!("{u:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    Action::DirectResponse(DirectResponseAction {
-        status: 503,
-        body: Some(inline(body)),
-        ..Default::default()
-    })
-}
-
 fn inline(text: String) -> DataSource {
     DataSource {
         specifier: Some(data_source::Specifier::InlineString(text)),
@@ -195,6 +172,20 @@ fn route_action(cluster: ClusterSpecifier, options: Option<&RouteOptions>) -> Pb
             retry_on: r.retry_on_items().join(","),
             num_retries: Some(UInt32Value { value: r.attempts }),
             per_try_timeout: r.per_try_timeout.map(|t| pb_duration(t.get())),
+            retriable_status_codes: r
+                .retriable_status_codes
+                .iter()
+                .map(|c| u32::from(*c))
+                .collect(),
+            retriable_headers: r
+                .retriable_headers
+                .iter()
+                .map(|name| HeaderMatcher {
+                    name: name.clone(),
+                    header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         });
         if let Some(rewrite) = &options.prefix_rewrite {
@@ -315,8 +306,22 @@ fn translate_match(route: &Route) -> PbRouteMatch {
             Some(ValueMatch::Regex(r)) => {
                 QueryParameterMatchSpecifier::StringMatch(regex_string_matcher(r))
             }
-            Some(ValueMatch::Present(p)) => QueryParameterMatchSpecifier::PresentMatch(p),
-            None => QueryParameterMatchSpecifier::PresentMatch(true),
+            Some(ValueMatch::Present(false)) => {
+                // "Absent", said explicitly: Envoy's own present_match: false means that only
+                // under a runtime flag. The path's query does not name the parameter.
+                pb.headers.push(HeaderMatcher {
+                    name: ":path".into(),
+                    invert_match: true,
+                    header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(
+                        regex_string_matcher(&query_parameter_regex(&q.name)),
+                    )),
+                    ..Default::default()
+                });
+                continue;
+            }
+            Some(ValueMatch::Present(true)) | None => {
+                QueryParameterMatchSpecifier::PresentMatch(true)
+            }
         };
         pb.query_parameters.push(QueryParameterMatcher {
             name: q.name.clone(),
@@ -324,6 +329,19 @@ fn translate_match(route: &Route) -> PbRouteMatch {
         });
     }
     pb
+}
+
+/// A regex (RE2) matching a path whose query string has the parameter `name` (with or without a
+/// value).
+pub(crate) fn query_parameter_regex(name: &str) -> String {
+    let mut escaped = String::new();
+    for c in name.chars() {
+        if c.is_ascii_punctuation() {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    format!("^[^?]*\\?(.*&)?{escaped}(=[^&]*)?(&.*)?$")
 }
 
 fn header_options(mutations: &HeaderMutations) -> Vec<HeaderValueOption> {

@@ -116,6 +116,31 @@ pub(crate) fn translate_upstream(
     }
 }
 
+/// The cluster of the traffic of upstreams that are not available (not defined, or rejected
+/// with no accepted version): it has no endpoints, so Envoy answers 503 "no healthy upstream"
+/// (response flag `UH`) without naming anything internal. `:` cannot be in an upstream's name.
+pub const UNAVAILABLE_CLUSTER: &str = "vmesh:unavailable";
+
+/// [`UNAVAILABLE_CLUSTER`]: static, and empty.
+pub(crate) fn unavailable_cluster() -> Arc<Resource> {
+    let cluster = Cluster {
+        name: UNAVAILABLE_CLUSTER.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(pb_duration(std::time::Duration::from_secs(1))),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: UNAVAILABLE_CLUSTER.to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Arc::new(Resource::new(
+        CLUSTER,
+        UNAVAILABLE_CLUSTER,
+        &cluster,
+        vec![],
+    ))
+}
+
 pub(crate) fn socket_address(ip: &str, port: u16) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {

@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
 use prost::Message;
 use vmesh_model::{Config, ConfigSet, ObjectKey, SourceMode, State};
-use vmesh_translate::{translate, Translation};
+use vmesh_translate::{translate, Translation, UNAVAILABLE_CLUSTER};
 use vmesh_xds::resource::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use vmesh_xds::ResourceRef;
 
@@ -619,53 +619,71 @@ fn a_zero_timeout_disables_the_timeout() {
 
 #[test]
 fn a_missing_upstream_becomes_a_503_and_a_warning() {
-    let (t, r) = one_route(
+    let (t, _) = one_route(
         "    - directResponse: {status: 200}\n    - upstream: ghost\n      options: {timeout: 1s}",
     );
-    let _ = r;
     let r = routes(&t, "edge").remove(1);
+    // Its traffic goes to the cluster without endpoints: Envoy answers 503 "no healthy
+    // upstream", naming nothing internal.
     assert_eq!(
-        direct_body(&r),
-        (503, "upstream \"ghost\" is unavailable\n".into())
+        route_action(&r).cluster_specifier,
+        Some(ClusterSpecifier::Cluster(UNAVAILABLE_CLUSTER.into()))
     );
     let shop = ObjectKey::virtual_service("shop");
     assert_eq!(t.reports[&shop].state, State::Warning);
     assert_eq!(
         warnings(&t, &shop),
-        ["spec.routes[1].upstream: upstream \"ghost\" does not exist"]
+        ["spec.routes[1].upstream: upstream \"ghost\" does not exist; its traffic is answered 503"]
     );
     let rc = t.proxies["gateway-proxy"]
         .snapshot
         .get(ROUTE, "gw-edge-routes")
         .unwrap();
-    assert!(rc.refs.is_empty(), "no cluster ref for a missing upstream");
+    assert_eq!(
+        rc.refs.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        [UNAVAILABLE_CLUSTER],
+        "the route waits for the unavailable cluster"
+    );
+    assert_eq!(names(&t, "gateway-proxy", CLUSTER), [UNAVAILABLE_CLUSTER]);
 }
 
 #[test]
-fn a_split_loses_only_its_missing_backends() {
+fn a_split_keeps_its_proportions_when_a_backend_is_missing() {
+    // A 95/5 canary whose stable upstream is gone: 95 % is answered 503, never sent to the
+    // canary.
     let (t, r) =
-        one_route("    - split: [{upstream: ghost, weight: 1}, {upstream: web, weight: 3}]");
+        one_route("    - split: [{upstream: ghost, weight: 95}, {upstream: web, weight: 5}]");
     let Some(ClusterSpecifier::WeightedClusters(w)) = &route_action(&r).cluster_specifier else {
         panic!()
     };
-    assert_eq!(w.clusters.len(), 1);
-    assert_eq!(w.clusters[0].name, "web");
+    let weights: Vec<(&str, u32)> = w
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.weight.as_ref().unwrap().value))
+        .collect();
+    assert_eq!(weights, [(UNAVAILABLE_CLUSTER, 95), ("web", 5)]);
     assert_eq!(
         warnings(&t, &ObjectKey::virtual_service("shop")),
-        ["spec.routes[0].split[0].upstream: upstream \"ghost\" does not exist"]
+        ["spec.routes[0].split[0].upstream: upstream \"ghost\" does not exist; its share (95 of 100) is answered 503"]
     );
 
+    // The only backend with weight is the missing one: the weights still add up to 100.
     let (t, r) =
-        one_route("    - split: [{upstream: ghost, weight: 1}, {upstream: phantom, weight: 3}]");
+        one_route("    - split: [{upstream: web, weight: 0}, {upstream: ghost, weight: 100}]");
+    let Some(ClusterSpecifier::WeightedClusters(w)) = &route_action(&r).cluster_specifier else {
+        panic!()
+    };
+    let total: u32 = w
+        .clusters
+        .iter()
+        .map(|c| c.weight.as_ref().unwrap().value)
+        .sum();
+    assert_eq!(total, 100);
+    assert_eq!(warnings(&t, &ObjectKey::virtual_service("shop")).len(), 1);
     assert_eq!(
-        direct_body(&r),
-        (
-            503,
-            "upstreams \"ghost\", \"phantom\" are unavailable\n".into()
-        )
+        names(&t, "gateway-proxy", CLUSTER),
+        [UNAVAILABLE_CLUSTER, "web"]
     );
-    assert_eq!(warnings(&t, &ObjectKey::virtual_service("shop")).len(), 2);
-    assert_eq!(names(&t, "gateway-proxy", CLUSTER), Vec::<String>::new());
 }
 
 #[test]
@@ -676,7 +694,7 @@ fn a_rejected_upstream_without_a_last_good_version_is_unavailable() {
     ));
     assert_eq!(
         warnings(&t, &ObjectKey::virtual_service("shop")),
-        ["spec.routes[0].upstream: upstream \"broken\" is rejected and has no accepted version"]
+        ["spec.routes[0].upstream: upstream \"broken\" is rejected and has no accepted version; its traffic is answered 503"]
     );
     assert_eq!(
         t.reports[&ObjectKey::upstream("broken")].state,
@@ -828,7 +846,7 @@ fn parse_level_reports_are_kept_and_rejected_stays_rejected() {
     assert_eq!(t.reports[&shop].errors.len(), 1);
     assert_eq!(
         warnings(&t, &shop),
-        ["spec.routes[0].upstream: upstream \"ghost\" does not exist"]
+        ["spec.routes[0].upstream: upstream \"ghost\" does not exist; its traffic is answered 503"]
     );
 }
 
