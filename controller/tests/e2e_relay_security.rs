@@ -455,8 +455,6 @@ fn a_registration_flood_costs_no_consul_reads_and_a_few_log_lines() {
         .unwrap();
 
     // The log has one line per reason, then a count.
-    let log = relay.controller.log();
-    assert_eq!(log.matches("relay call refused").count(), 3, "{log}");
     eventually(DEADLINE, "the refusals to be summed up in the log", || {
         let log = relay.controller.log();
         log.lines()
@@ -464,6 +462,32 @@ fn a_registration_flood_costs_no_consul_reads_and_a_few_log_lines() {
             .map(str::to_owned)
             .ok_or("no summary yet".to_string())
     });
+    // A slow machine may spread the flood over more than one summing-up window; each window
+    // still logs each reason at most once.
+    let log = relay.controller.log();
+    let mut logged_in_window = Vec::new();
+    for line in log.lines() {
+        if line.contains("more calls refused") {
+            logged_in_window.clear();
+        } else if line.contains("relay call refused") {
+            let reason = line
+                .split("reason=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default();
+            assert!(
+                !logged_in_window.contains(&reason),
+                "{reason} logged twice in one window:\n{log}"
+            );
+            logged_in_window.push(reason);
+        }
+    }
+    for reason in ["bad_request", "token_unknown", "rate_limited"] {
+        assert!(
+            log.contains(&format!("reason=\"{reason}\"")),
+            "no full line for {reason}:\n{log}"
+        );
+    }
     assert_eq!(
         relay.metric("vmesh_relay_refused_total", "reason=\"rate_limited\"") as usize,
         limited
