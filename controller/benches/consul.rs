@@ -279,12 +279,9 @@ impl Controller {
 
     fn envoy(&self) -> Envoy {
         let bootstrap = render(&BootstrapArgs {
-            proxy: PROXY.to_string(),
-            cluster: None,
-            xds_addr: self.process.xds_addr(),
             protocol: Protocol::Delta,
             admin_port: 0,
-            xds_cert_dir: None,
+            ..BootstrapArgs::new(PROXY.to_string(), self.process.xds_addr())
         })
         .unwrap_or_else(|e| fail(&format!("render the bootstrap: {e}")));
         let envoy = Envoy::start(&bootstrap, PROXY);

@@ -810,12 +810,10 @@ impl VmBench {
             ));
         }
         let bootstrap = render(&BootstrapArgs {
-            proxy: PROXY.to_string(),
-            cluster: None,
-            xds_addr: controller.process.xds_addr(),
             protocol: Protocol::Delta,
             admin_port: 0,
             xds_cert_dir: Some(certs),
+            ..BootstrapArgs::new(PROXY.to_string(), controller.process.xds_addr())
         })
         .unwrap_or_else(|e| fail(&format!("render the bootstrap: {e}")));
         let envoy = Envoy::start(&bootstrap, PROXY);

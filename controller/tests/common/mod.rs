@@ -121,12 +121,9 @@ impl Controller {
     /// A real Envoy that takes its config from this controller.
     pub fn envoy(&self, proxy: &str, protocol: Protocol) -> Envoy {
         let bootstrap = render(&BootstrapArgs {
-            proxy: proxy.to_string(),
-            cluster: None,
-            xds_addr: self.process.xds_addr(),
             protocol,
             admin_port: 0,
-            xds_cert_dir: None,
+            ..BootstrapArgs::new(proxy.to_string(), self.process.xds_addr())
         })
         .expect("bootstrap");
         let envoy = Envoy::start(&bootstrap, proxy);

@@ -141,12 +141,10 @@ impl RelayController {
         );
         let agent = AgentProcess::start(&agent_binary(), proxy, &args, &env, &log);
         let bootstrap = render(&BootstrapArgs {
-            proxy: proxy.to_string(),
-            cluster: None,
-            xds_addr: self.controller.xds_addr(),
             protocol,
             admin_port: 0,
             xds_cert_dir: Some(data.clone()),
+            ..BootstrapArgs::new(proxy.to_string(), self.controller.xds_addr())
         })
         .expect("bootstrap");
         let envoy = Envoy::start(&bootstrap, proxy);

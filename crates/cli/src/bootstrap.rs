@@ -35,6 +35,31 @@ pub struct BootstrapArgs {
     /// proxy for a certificate); without it the connection is plaintext.
     #[arg(long, env = "VMESH_XDS_CERT_DIR")]
     pub xds_cert_dir: Option<std::path::PathBuf>,
+    /// Envoy's heap, in MiB: at 95% it returns free memory to the system, at 98% it answers new
+    /// requests 503 rather than grow until the kernel kills it. 0: no limit.
+    #[arg(long, default_value_t = 1024)]
+    pub max_heap_mib: u64,
+    /// Client connections Envoy holds open at once, over all listeners; past it new ones are
+    /// closed (the admin port is exempt). Keep it under half of Envoy's open-file limit. 0: no
+    /// limit.
+    #[arg(long, default_value_t = 50_000)]
+    pub max_connections: u64,
+}
+
+impl BootstrapArgs {
+    /// The defaults of every flag, for `proxy` and the controller at `xds_addr`.
+    pub fn new(proxy: impl Into<String>, xds_addr: impl Into<String>) -> Self {
+        BootstrapArgs {
+            proxy: proxy.into(),
+            cluster: None,
+            xds_addr: xds_addr.into(),
+            protocol: Protocol::Delta,
+            admin_port: 19901,
+            xds_cert_dir: None,
+            max_heap_mib: 1024,
+            max_connections: 50_000,
+        }
+    }
 }
 
 pub fn run(args: &BootstrapArgs) -> anyhow::Result<ExitCode> {
@@ -68,6 +93,7 @@ pub fn render(args: &BootstrapArgs) -> anyhow::Result<String> {
         None => String::new(),
         Some(dir) => tls_transport(dir)?,
     };
+    let overload = overload_manager(args.max_heap_mib, args.max_connections);
     // initial_fetch_timeout 0: Envoy waits for the whole config rather than
     // starting to serve with part of it.
     Ok(format!(
@@ -78,7 +104,9 @@ node:
 admin:
   address:
     socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
-dynamic_resources:
+  # /ready and /stats keep answering when the connection limit is reached.
+  ignore_global_conn_limit: true
+{overload}dynamic_resources:
   ads_config:
     api_type: {api_type}
     transport_api_version: V3
@@ -115,6 +143,46 @@ static_resources:
         proxy = args.proxy,
         admin_port = args.admin_port,
     ))
+}
+
+/// Envoy's own limits, which xDS cannot set: its heap and its client connections.
+fn overload_manager(max_heap_mib: u64, max_connections: u64) -> String {
+    let mut monitors = String::new();
+    let mut actions = String::new();
+    if max_heap_mib > 0 {
+        monitors.push_str(&format!(
+            r#"    - name: envoy.resource_monitors.fixed_heap
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig
+        max_heap_size_bytes: {bytes}
+"#,
+            bytes = max_heap_mib.saturating_mul(1024 * 1024)
+        ));
+        actions.push_str(
+            r#"  actions:
+    - name: envoy.overload_actions.shrink_heap
+      triggers: [{ name: envoy.resource_monitors.fixed_heap, threshold: { value: 0.95 } }]
+    - name: envoy.overload_actions.stop_accepting_requests
+      triggers: [{ name: envoy.resource_monitors.fixed_heap, threshold: { value: 0.98 } }]
+"#,
+        );
+    }
+    if max_connections > 0 {
+        // Configuring the monitor enforces the limit; it needs no action.
+        monitors.push_str(&format!(
+            r#"    - name: envoy.resource_monitors.global_downstream_max_connections
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+        max_active_downstream_connections: {max_connections}
+"#
+        ));
+    }
+    if monitors.is_empty() {
+        return String::new();
+    }
+    format!(
+        "overload_manager:\n  refresh_interval: 0.25s\n  resource_monitors:\n{monitors}{actions}"
+    )
 }
 
 /// The xDS cluster's TLS: the gateway's certificate and the trust bundle, from the SDS files
@@ -156,13 +224,38 @@ mod tests {
 
     fn args(xds: &str, protocol: Protocol) -> BootstrapArgs {
         BootstrapArgs {
-            proxy: "edge-1".into(),
-            cluster: None,
-            xds_addr: xds.into(),
             protocol,
-            admin_port: 9901,
-            xds_cert_dir: None,
+            ..BootstrapArgs::new("edge-1", xds)
         }
+    }
+
+    #[test]
+    fn envoy_is_bounded_in_heap_and_connections_unless_told_otherwise() {
+        let y = render(&args("127.0.0.1:18000", Protocol::Delta)).unwrap();
+        assert!(y.contains("max_heap_size_bytes: 1073741824"), "{y}");
+        assert!(
+            y.contains("max_active_downstream_connections: 50000"),
+            "{y}"
+        );
+        assert!(
+            y.contains("envoy.overload_actions.stop_accepting_requests"),
+            "{y}"
+        );
+        assert!(y.contains("ignore_global_conn_limit: true"), "{y}");
+
+        let mut a = args("127.0.0.1:18000", Protocol::Delta);
+        a.max_heap_mib = 0;
+        let y = render(&a).unwrap();
+        assert!(!y.contains("fixed_heap"), "{y}");
+        assert!(!y.contains("overload_actions"), "{y}");
+        assert!(
+            y.contains("max_active_downstream_connections: 50000"),
+            "{y}"
+        );
+
+        a.max_connections = 0;
+        let y = render(&a).unwrap();
+        assert!(!y.contains("overload_manager"), "{y}");
     }
 
     #[test]

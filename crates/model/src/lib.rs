@@ -37,7 +37,10 @@ pub use document::{
     Parsed,
 };
 pub use duration::Duration;
-pub use gateway::{GatewaySpec, DEFAULT_BIND_ADDRESS, DEFAULT_PROXY_NAME};
+pub use gateway::{
+    AccessLog, GatewaySpec, DEFAULT_ACCESS_LOG_FIELDS, DEFAULT_BIND_ADDRESS, DEFAULT_PROXY_NAME,
+    MAX_TRUSTED_HOPS,
+};
 pub use problem::Problem;
 pub use read::read_documents;
 pub use store::{Config, ConfigSet, ObjectReport, ParsedSource, SourceMode, State};

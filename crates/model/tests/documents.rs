@@ -1250,3 +1250,125 @@ fn example_documents_are_valid() {
         }
     }
 }
+
+#[test]
+fn gateway_trusted_hops() {
+    let Object::Gateway(g) = object(set(gateway(), "/spec/xffNumTrustedHops", json!(2))) else {
+        panic!()
+    };
+    assert_eq!(g.xff_num_trusted_hops, 2);
+    assert_problem(
+        set(gateway(), "/spec/xffNumTrustedHops", json!(11)),
+        "spec.xffNumTrustedHops",
+        "must be at most 10",
+    );
+    assert_problem(
+        set(gateway(), "/spec/xffNumTrustedHops", json!(-1)),
+        "spec.xffNumTrustedHops",
+        "invalid value",
+    );
+}
+
+#[test]
+fn gateway_access_log_defaults_to_stdout_and_the_documented_fields() {
+    let Object::Gateway(g) = object(set(gateway(), "/spec/accessLog", json!({}))) else {
+        panic!()
+    };
+    let log = g.access_log.expect("an access log");
+    assert_eq!(log.to, "stdout");
+    let fields = log.fields();
+    assert_eq!(fields.len(), 21);
+    assert_eq!(fields["response_code"], "%RESPONSE_CODE%");
+    assert_eq!(fields["path"], "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%");
+}
+
+#[test]
+fn gateway_access_log_destination() {
+    assert_valid(set(
+        gateway(),
+        "/spec/accessLog",
+        json!({"to": "/var/log/vmesh/edge.log"}),
+    ));
+    assert_problem(
+        set(gateway(), "/spec/accessLog", json!({"to": "logs/edge.log"})),
+        "spec.accessLog.to",
+        "use \"stdout\" or an absolute path",
+    );
+    assert_problem(
+        set(gateway(), "/spec/accessLog", json!({"to": "/var/log/a\nb"})),
+        "spec.accessLog.to",
+        "control characters",
+    );
+    assert_problem(
+        set(gateway(), "/spec/accessLog", json!({"file": "/x"})),
+        "spec.accessLog.file",
+        "unknown field `file`, expected `to` or `fields`",
+    );
+}
+
+#[test]
+fn gateway_access_log_fields_are_checked_operator_by_operator() {
+    let with_fields =
+        |fields: serde_json::Value| set(gateway(), "/spec/accessLog", json!({ "fields": fields }));
+    assert_valid(with_fields(json!({
+        "status": "%RESPONSE_CODE%",
+        "agent": "%REQ(user-agent):64%",
+        "path": "%REQ(x-envoy-original-path?:path)%",
+        "summary": "code=%RESPONSE_CODE% in %DURATION% ms",
+        "ct": "%RESP(content-type)%",
+        "literal": "no operators at all",
+    })));
+    assert_problem(
+        with_fields(json!({"x": "%DYNAMIC_METADATA(a:b)%"})),
+        "spec.accessLog.fields.x",
+        "%DYNAMIC_METADATA(a:b)%: not a supported command",
+    );
+    assert_problem(
+        with_fields(json!({"x": "50%"})),
+        "spec.accessLog.fields.x",
+        "a '%' without its closing '%'",
+    );
+    assert_problem(
+        with_fields(json!({"x": "%REQ(user agent)%"})),
+        "spec.accessLog.fields.x",
+        "takes a header name",
+    );
+    assert_problem(
+        with_fields(json!({"x": "%REQ(a?b?c)%"})),
+        "spec.accessLog.fields.x",
+        "takes a header name",
+    );
+    assert_problem(
+        with_fields(json!({"x": "%REQ(host):big%"})),
+        "spec.accessLog.fields.x",
+        "only :<max length> may follow",
+    );
+    assert_problem(
+        with_fields(json!({"x": "%REQ(host%"})),
+        "spec.accessLog.fields.x",
+        "missing ')'",
+    );
+    assert_problem(
+        with_fields(json!({"a b": "%PROTOCOL%"})),
+        "spec.accessLog.fields.a b",
+        "letters, digits",
+    );
+    assert_problem(
+        with_fields(json!({})),
+        "spec.accessLog.fields",
+        "at least one field",
+    );
+    assert_problem(
+        with_fields(json!({"x": "a".repeat(257)})),
+        "spec.accessLog.fields.x",
+        "at most 256 bytes",
+    );
+    let many: serde_json::Map<String, serde_json::Value> = (0..33)
+        .map(|i| (format!("f{i}"), json!("%PROTOCOL%")))
+        .collect();
+    assert_problem(
+        with_fields(serde_json::Value::Object(many)),
+        "spec.accessLog.fields",
+        "has 33 fields; the limit is 32",
+    );
+}

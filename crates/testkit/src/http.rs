@@ -150,6 +150,50 @@ pub fn request(
     HttpClient::new().request(method, url, headers, body)
 }
 
+/// Sends `request_head` byte for byte (the request line and headers, without the blank line
+/// that ends them; `Connection: close` is added) to `127.0.0.1:port` and reads the response
+/// until the server closes the connection: for what a real client may send and [`HttpClient`]
+/// would tidy up (`/a/../b`, `%2F`, header names with `_`). A connection reset before any
+/// response is `Err`. Responses with chunked bodies keep their chunk framing in `body`.
+pub fn raw_request(port: u16, request_head: &str) -> Result<Response, String> {
+    use std::io::{Read, Write};
+    let what = || format!("{:?}", request_head.lines().next().unwrap_or_default());
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("{}: connect to port {port}: {e}", what()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let head = format!("{}\r\nconnection: close\r\n\r\n", request_head.trim_end());
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("{}: send: {e}", what()))?;
+    let mut bytes = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut bytes) {
+        if bytes.is_empty() {
+            return Err(format!("{}: no response: {e}", what()));
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{}: incomplete response {text:?}", what()))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("{}: no status line in {text:?}", what()))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Response {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
 pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;

@@ -39,6 +39,6 @@ pub const TEST_PANIC_VAR: &str = "VMESH_TEST_PANIC";
 pub use consul::{ConsulEmulator, ConsulOptions};
 pub use echo::{echo_router, EchoServer, ECHO_STATUS_HEADER, SERVED_BY_HEADER};
 pub use envoy::{envoy_binary, require_envoy, workspace_root, Envoy, EnvoyOptions, INSTALL_HINT};
-pub use http::{http_get, request, HttpClient, Response};
+pub use http::{http_get, raw_request, request, HttpClient, Response};
 pub use poll::{eventually, POLL_INTERVAL};
 pub use ports::{free_port, free_ports};

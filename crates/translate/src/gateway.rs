@@ -5,20 +5,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::{
+    http_protocol_options::HeadersWithUnderscoresAction, Http2ProtocolOptions, HttpProtocolOptions,
+};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier, StripPortMode},
+    http_connection_manager::{
+        CodecType, PathWithEscapedSlashesAction, RouteSpecifier, StripPortMode,
+    },
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
-use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 use vmesh_model::limits::MAX_DIRECT_RESPONSE_BODY;
 use vmesh_model::{domain_host, Config, GatewaySpec, ObjectKey};
 use vmesh_xds::resource::{CLUSTER, LISTENER, ROUTE};
 use vmesh_xds::{Resource, ResourceRef};
 
+use crate::access_log::access_log;
 use crate::routes::VirtualServiceRoutes;
 use crate::upstream::{
     socket_address, unavailable_cluster, UpstreamResources, UNAVAILABLE_CLUSTER,
@@ -256,6 +262,18 @@ fn any<M: Message + Name>(message: &M) -> Any {
     }
 }
 
+/// The memory one connection may hold in buffers, each way (Envoy's default is 1 MiB).
+pub(crate) const CONNECTION_BUFFER_BYTES: u32 = 32 * 1024;
+
+fn secs(s: i64) -> Option<PbDuration> {
+    Some(PbDuration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// The connection manager of an edge: Envoy's "Envoy as an edge proxy" guidance
+/// (`docs/configuration.md`, "Hardened defaults", says each value and why).
 fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
     let router = HttpFilter {
         name: "envoy.filters.http.router".into(),
@@ -274,12 +292,40 @@ fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
         // `Host: shop.example.com:8080` matches the domain `shop.example.com`, as browsers and
         // curl send it to a gateway on a port other than 80.
         strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
+        // The client is the TCP peer (or, behind trusted proxies, the address they saw), never
+        // what a client writes into X-Forwarded-For.
+        use_remote_address: Some(BoolValue { value: true }),
+        xff_num_trusted_hops: spec.xff_num_trusted_hops,
+        // `/a/../b` is routed (and forwarded) as `/b`, `//a` as `/a`, and `%2F` is redirected
+        // to `/`, so a route cannot be bypassed by spelling its path differently.
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
+        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
+        common_http_protocol_options: Some(HttpProtocolOptions {
+            idle_timeout: secs(3600),
+            headers_with_underscores_action: HeadersWithUnderscoresAction::RejectRequest as i32,
+            ..Default::default()
+        }),
+        request_headers_timeout: secs(10),
+        stream_idle_timeout: secs(300),
+        request_timeout: secs(300),
+        max_request_headers_kb: Some(UInt32Value { value: 60 }),
+        http2_protocol_options: Some(Http2ProtocolOptions {
+            max_concurrent_streams: Some(UInt32Value { value: 100 }),
+            initial_stream_window_size: Some(UInt32Value { value: 64 * 1024 }),
+            initial_connection_window_size: Some(UInt32Value { value: 1024 * 1024 }),
+            ..Default::default()
+        }),
+        access_log: spec.access_log.iter().map(access_log).collect(),
         http_filters: vec![router],
         ..Default::default()
     };
     Listener {
         name: listener_name(name),
         address: Some(socket_address(&spec.bind_address, spec.bind_port)),
+        per_connection_buffer_limit_bytes: Some(UInt32Value {
+            value: CONNECTION_BUFFER_BYTES,
+        }),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),

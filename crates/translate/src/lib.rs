@@ -21,6 +21,7 @@ use std::sync::Arc;
 use vmesh_model::{Config, ObjectKey, ObjectReport, Problem, State};
 use vmesh_xds::ProxySnapshot;
 
+mod access_log;
 mod gateway;
 pub mod render;
 mod routes;

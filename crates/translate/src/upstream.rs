@@ -72,6 +72,9 @@ pub(crate) fn translate_upstream(
         }),
         connect_timeout: Some(pb_duration(spec.connect_timeout.get())),
         lb_policy: lb_policy as i32,
+        per_connection_buffer_limit_bytes: Some(UInt32Value {
+            value: crate::gateway::CONNECTION_BUFFER_BYTES,
+        }),
         ..Default::default()
     };
     let lb_endpoints = match spec.discovery() {
