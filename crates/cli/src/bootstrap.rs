@@ -106,6 +106,13 @@ admin:
     socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
   # /ready and /stats keep answering when the connection limit is reached.
   ignore_global_conn_limit: true
+# vmesh accepts regexes up to a tenth of this RE2 program size (Envoy's default is 100, which
+# /[^/]{{1,64}} already exceeds).
+layered_runtime:
+  layers:
+    - name: vmesh
+      static_layer:
+        re2.max_program_size.error_level: {re2_limit}
 {overload}dynamic_resources:
   ads_config:
     api_type: {api_type}
@@ -142,6 +149,7 @@ static_resources:
 {transport}"#,
         proxy = args.proxy,
         admin_port = args.admin_port,
+        re2_limit = vmesh_model::regex::ENVOY_PROGRAM_SIZE_LIMIT,
     ))
 }
 
@@ -242,6 +250,7 @@ mod tests {
             "{y}"
         );
         assert!(y.contains("ignore_global_conn_limit: true"), "{y}");
+        assert!(y.contains("re2.max_program_size.error_level: 20000"), "{y}");
 
         let mut a = args("127.0.0.1:18000", Protocol::Delta);
         a.max_heap_mib = 0;

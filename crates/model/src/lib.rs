@@ -26,6 +26,7 @@ mod gateway;
 pub mod limits;
 mod problem;
 mod read;
+pub mod regex;
 mod store;
 mod upstream;
 mod validate;

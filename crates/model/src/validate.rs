@@ -101,8 +101,9 @@ pub(crate) fn check_header_value(path: &str, value: &str, problems: &mut Problem
     }
 }
 
-/// Compiles a regex with the `regex` crate, whose syntax is close to RE2's (Envoy's
-/// engine): both reject look-around and backreferences.
+/// Compiles a regex with the `regex` crate (which, like RE2, Envoy's engine, rejects look-around
+/// and backreferences), then checks that Envoy accepts it and reads it alike
+/// ([`crate::regex`]).
 pub(crate) fn check_regex(path: &str, regex: &str, problems: &mut Problems) {
     let max = crate::limits::MAX_REGEX_BYTES;
     if regex.len() > max {
@@ -123,7 +124,9 @@ pub(crate) fn check_regex(path: &str, regex: &str, problems: &mut Problems) {
             .collect::<Vec<_>>()
             .join(" ");
         problems.push(Problem::new(path, format!("invalid regex: {detail}")));
+        return;
     }
+    crate::regex::check_regex_for_envoy(path, regex, problems);
 }
 
 pub(crate) fn check_ip(path: &str, address: &str, problems: &mut Problems) {
