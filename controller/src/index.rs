@@ -79,21 +79,25 @@ impl IndexState {
                     source,
                     parsed,
                     revision,
+                    created,
                 } => {
                     self.revisions.insert(source.clone(), revision);
-                    self.set.apply(&source, parsed)
+                    let claimed = self.set.set_created(&source, created);
+                    self.set.apply(&source, parsed) | claimed
                 }
                 Change::Reject {
                     source,
                     key,
                     problem,
                     revision,
+                    created,
                 } => {
                     match revision {
                         Some(r) => self.revisions.insert(source.clone(), r),
                         None => self.revisions.remove(&source),
                     };
-                    self.set.reject_source(&source, key.as_ref(), problem)
+                    let claimed = created.is_some_and(|c| self.set.set_created(&source, c));
+                    self.set.reject_source(&source, key.as_ref(), problem) | claimed
                 }
                 Change::Remove { source } => {
                     self.revisions.remove(&source);
@@ -363,6 +367,7 @@ mod tests {
                     &upstream("a", 8081),
                 ),
                 revision: 7,
+                created: 7,
             }],
         });
         assert_eq!(s.revisions().get("vmesh/config/Upstream/a"), Some(&7));

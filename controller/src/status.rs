@@ -93,6 +93,8 @@ impl Observer for ControllerObserver {
             Event::Nack {
                 type_url,
                 rejected,
+                parts,
+                trying,
                 message,
             } => {
                 self.metrics
@@ -105,26 +107,38 @@ impl Observer for ControllerObserver {
                 let Some(proxy) = published.translation.proxies.get(&stream.node) else {
                     return;
                 };
-                for (name, _) in rejected {
-                    let Some(origins) = proxy
-                        .origins
-                        .get(&(type_url_static(type_url), name.clone()))
-                    else {
-                        continue;
-                    };
-                    for key in origins {
-                        let Some(report) = published.translation.reports.get(key) else {
-                            continue;
-                        };
+                // Envoy's message ends with a newline; status lines do not.
+                let message = message.trim_end();
+                let record = |key: &ObjectKey, resource: String| {
+                    if let Some(report) = published.translation.reports.get(key) {
                         self.nacks.record(
                             key.clone(),
                             NackRecord {
                                 proxy: stream.node.clone(),
-                                resource: format!("{} {}", short_type(type_url), name),
-                                message: message.clone(),
+                                resource,
+                                message: message.to_string(),
                                 object_version: report.version.clone(),
                             },
                         );
+                    }
+                };
+                // The parts found at fault are blamed alone.
+                for (name, part) in parts {
+                    if let Some(key) = ObjectKey::parse(part) {
+                        record(&key, format!("{} {name} ({part})", short_type(type_url)));
+                    }
+                }
+                // A resource refused as a whole is blamed on everything it came from; one
+                // whose parts are being tried one by one on nobody yet.
+                let whole = rejected.iter().filter(|(name, _)| {
+                    !trying.contains(name) && !parts.iter().any(|(n, _)| n == name)
+                });
+                for (name, _) in whole {
+                    let origins = proxy
+                        .origins
+                        .get(&(type_url_static(type_url), name.clone()));
+                    for key in origins.into_iter().flatten() {
+                        record(key, format!("{} {}", short_type(type_url), name));
                     }
                 }
             }
@@ -171,16 +185,31 @@ pub fn local_acks(published: &Published, connections: &[Connection]) -> ReplicaR
         let mut behind: BTreeSet<&ObjectKey> = BTreeSet::new();
         for ((type_url, name), objects) in &output.origins {
             affected.extend(objects.iter());
-            let want = output
-                .snapshot
-                .get(type_url, name)
-                .map(|r| r.version.as_str());
+            let target = output.snapshot.get(type_url, name);
             let key = (type_url.to_string(), name.clone());
-            let held = streams
-                .iter()
-                .any(|c| c.acked.get(&key).map(String::as_str) == want);
-            if !held {
-                behind.extend(objects.iter());
+            let held = streams.iter().any(|c| {
+                c.acked.get(&key).map(String::as_str) == target.map(|r| r.version.as_str())
+            });
+            if held {
+                continue;
+            }
+            // Of a composed resource, each part's objects are up to date when the proxy holds
+            // that part as the target has it.
+            let parts = target.map(|r| r.parts.as_slice()).unwrap_or_default();
+            let part_of = |object: &ObjectKey| {
+                let text = object.to_string();
+                parts.iter().find(|p| p.key == text)
+            };
+            for object in objects {
+                let part_held = part_of(object).is_some_and(|part| {
+                    streams.iter().any(|c| {
+                        c.acked_parts.get(&key).and_then(|m| m.get(&part.key))
+                            == Some(&part.version)
+                    })
+                });
+                if !part_held {
+                    behind.insert(object);
+                }
             }
         }
         let held: BTreeMap<ObjectKey, String> = affected
@@ -288,6 +317,7 @@ mod tests {
             node: "gw".into(),
             mode: Mode::Delta,
             acked,
+            acked_parts: HashMap::new(),
             in_sync: missing.is_none(),
         }
     }

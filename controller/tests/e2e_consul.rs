@@ -392,3 +392,48 @@ fn acl_tokens_are_used_and_a_missing_permission_is_named() {
     assert!(!denied.contains("s3cret"), "{denied}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A newly added virtual service listing a domain another one already serves does not take it,
+/// even when its name sorts first (with per-key ACLs, one team cannot take another's host): it
+/// is warned, naming the owner, and gets the domain only once the owner lets it go.
+#[test]
+fn the_older_claim_keeps_a_contested_domain() {
+    let s = setup();
+    let shop = |name: &str, upstream: &str| {
+        format!("kind: VirtualService\nname: {name}\nspec:\n  domains: [shop.example.com]\n  routes:\n    - upstream: {upstream}\n")
+    };
+    put(&s.consul, "VirtualService/shop", &shop("shop", "v1"));
+    let c = Controller::consul(&s.consul.url(), &[]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    let host = [("host", "shop.example.com")];
+    wait_served_by(s.port, "/", &host, "v1");
+
+    // Another team adds a-shop (it sorts first) with the same domain.
+    put(&s.consul, "VirtualService/a-shop", &shop("a-shop", "v2"));
+    let st = wait_status(&s.consul, "VirtualService/a-shop", |st| {
+        st["state"] == "Warning"
+    });
+    assert_eq!(
+        st["warnings"][0]["message"],
+        "domain \"shop.example.com\" belongs to VirtualService \"shop\", which claimed it first on Gateway \"edge\"; ignored there",
+        "{st}"
+    );
+    wait_status(&s.consul, "VirtualService/shop", |st| {
+        st["state"] == "Accepted"
+    });
+    // The owner keeps serving, through later changes of either.
+    put(&s.consul, "VirtualService/a-shop", &shop("a-shop", "v1"));
+    put(&s.consul, "VirtualService/shop", &shop("shop", "v2"));
+    wait_served_by(s.port, "/", &host, "v2");
+    put(&s.consul, "VirtualService/a-shop", &shop("a-shop", "v1"));
+    for _ in 0..10 {
+        assert_eq!(served_by(&get(s.port, "/", &host).unwrap()), "v2");
+    }
+
+    // The owner lets it go: the newcomer gets it.
+    s.consul.kv_delete("vmesh/config/VirtualService/shop");
+    wait_served_by(s.port, "/", &host, "v1");
+    wait_status(&s.consul, "VirtualService/a-shop", |st| {
+        st["state"] == "Accepted"
+    });
+}

@@ -52,6 +52,18 @@ struct Edge {
 
 impl Edge {
     fn start(files: &[(&str, &str)]) -> Edge {
+        Self::starting(files, |c| c.envoy(PROXY, Protocol::Delta))
+    }
+
+    /// [`Edge::start`] with an Envoy that refuses regexes over RE2's default limit.
+    fn start_with(files: &[(&str, &str)], protocol: Protocol) -> Edge {
+        Self::starting(files, |c| c.envoy_with_default_re2_limit(PROXY, protocol))
+    }
+
+    fn starting(
+        files: &[(&str, &str)],
+        envoy: impl FnOnce(&Controller) -> vmesh_testkit::Envoy,
+    ) -> Edge {
         let (v1, v2) = (EchoServer::start("v1"), EchoServer::start("v2"));
         let port = free_port();
         let mut all: Vec<(String, String)> = vec![
@@ -63,7 +75,7 @@ impl Edge {
         all.extend(files.iter().map(|(n, t)| (n.to_string(), t.to_string())));
         let refs: Vec<(&str, &str)> = all.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
         let c = Controller::start_with(&refs, &[]);
-        let envoy = c.envoy(PROXY, Protocol::Delta);
+        let envoy = envoy(&c);
         wait_served_by(port, "/", &[("host", "other.example")], "v1");
         Edge {
             c,
@@ -257,4 +269,53 @@ fn a_missing_upstream_is_named_in_status_not_to_clients() {
     assert_eq!(status["state"], "Warning", "{status}");
     assert!(status.to_string().contains("secret-backend"), "{status}");
     e.still_flowing();
+}
+
+/// An Envoy started without `vmeshctl bootstrap`'s RE2 setting refuses a regex vmesh accepts
+/// (docs/configuration.md, "Regexes"): the refusal is blamed on the virtual service alone,
+/// which keeps its last accepted routes, and the others on the gateway keep changing.
+#[test]
+fn a_route_envoy_refuses_freezes_only_its_own_virtual_service() {
+    for protocol in [Protocol::Delta, Protocol::Sotw] {
+        let shop = |route: &str| vs("shop", "shop.example", route);
+        let e = Edge::start_with(&[("shop.yaml", &shop("    - upstream: v1"))], protocol);
+        wait_served_by(e.port, "/", &[("host", "shop.example")], "v1");
+
+        // shop gets a route Envoy's default RE2 limit refuses, and a new upstream.
+        e.c.write(
+            "shop.yaml",
+            &shop("    - match: {regex: \"/[^/]{1,64}\"}\n      upstream: v2"),
+        );
+        let status = eventually(DEADLINE, "shop reported rejected by the proxy", || {
+            let s = e.c.object("VirtualService", "shop").unwrap_or_default();
+            (s["state"] == "Rejected")
+                .then(|| s.clone())
+                .ok_or(format!("{s}"))
+        });
+        let text = status.to_string();
+        assert!(
+            text.contains("proxy edge-proxy rejected route gw-edge-routes (VirtualService/shop)"),
+            "{text}"
+        );
+        assert!(text.contains("RE2 program size"), "{text}");
+        assert!(
+            !text.contains("\\n\""),
+            "Envoy's trailing newline is trimmed: {text}"
+        );
+
+        // The other virtual service and the gateway are not blamed, and still change.
+        e.c.write("other.yaml", &other("v2"));
+        wait_served_by(e.port, "/", &[("host", "other.example")], "v2");
+        for (kind, name) in [("VirtualService", "other"), ("Gateway", "edge")] {
+            let s = e.c.object(kind, name).unwrap();
+            assert_eq!(s["state"], "Accepted", "{protocol:?} {s}");
+        }
+        // shop keeps serving what Envoy last accepted.
+        let r = get_with(e.port, "/x", &[("host", "shop.example")]);
+        assert_eq!(
+            (r.status, served_by(&r)),
+            (200, "v1".to_string()),
+            "{protocol:?}"
+        );
+    }
 }

@@ -76,7 +76,7 @@ fn to_change(layout: &Layout, event: WatchEvent) -> Option<Change> {
 
 fn upsert(layout: &Layout, entry: KvEntry) -> Change {
     let source = entry.key.clone();
-    let revision = entry.modify_index;
+    let (revision, created) = (entry.modify_index, entry.create_index);
     let Some(key) = layout.parse_config_key(&entry.key) else {
         let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
         return Change::Reject {
@@ -92,6 +92,7 @@ fn upsert(layout: &Layout, entry: KvEntry) -> Change {
                 ),
             ),
             revision: Some(revision),
+            created: Some(entry.create_index),
         };
     };
     // The same limits and words as a file of the config directory (vmesh_model::limits).
@@ -100,12 +101,14 @@ fn upsert(layout: &Layout, entry: KvEntry) -> Change {
             source,
             parsed: ParsedSource::keyed(&key, &text),
             revision,
+            created,
         },
         Err(problem) => Change::Reject {
             source,
             key: Some(key),
             problem,
             revision: Some(revision),
+            created: Some(created),
         },
     }
 }

@@ -272,6 +272,7 @@ fn diff(known: &mut BTreeMap<String, Content>, now: BTreeMap<String, Content>) -
                 key: None,
                 problem: problem.clone(),
                 revision: None,
+                created: None,
             },
         });
     }

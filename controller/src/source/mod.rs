@@ -27,6 +27,8 @@ pub enum Change {
         parsed: ParsedSource,
         /// The KV ModifyIndex this value was read at.
         revision: u64,
+        /// The key's CreateIndex: of two objects claiming one domain, the older keeps it.
+        created: u64,
     },
     /// A source that holds nothing usable, for a reason found before parsing (too large, not
     /// text, a key that names no object).
@@ -34,8 +36,9 @@ pub enum Change {
         source: String,
         key: Option<ObjectKey>,
         problem: Problem,
-        /// The KV ModifyIndex it was read at (Consul sources only).
+        /// The KV ModifyIndex and CreateIndex it was read at (Consul sources only).
         revision: Option<u64>,
+        created: Option<u64>,
     },
     Remove {
         source: String,

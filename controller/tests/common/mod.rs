@@ -120,13 +120,42 @@ impl Controller {
 
     /// A real Envoy that takes its config from this controller.
     pub fn envoy(&self, proxy: &str, protocol: Protocol) -> Envoy {
+        self.envoy_with(proxy, protocol, |bootstrap| bootstrap)
+    }
+
+    /// A real Envoy set up without `vmeshctl bootstrap`'s RE2 limit, which refuses regexes
+    /// vmesh accepts, such as `/[^/]{1,64}` (docs/configuration.md, "Regexes"): a way to get
+    /// a real refusal from Envoy.
+    pub fn envoy_with_default_re2_limit(&self, proxy: &str, protocol: Protocol) -> Envoy {
+        self.envoy_with(proxy, protocol, |bootstrap| {
+            // The runtime layer, whose last line is the RE2 key.
+            let cut = bootstrap
+                .find("layered_runtime:")
+                .expect("the bootstrap sets the RE2 limit");
+            let key = cut
+                + bootstrap[cut..]
+                    .find("re2.max_program_size")
+                    .expect("the RE2 key");
+            let end = key + bootstrap[key..].find('\n').expect("a line end") + 1;
+            format!("{}{}", &bootstrap[..cut], &bootstrap[end..])
+        })
+    }
+
+    /// [`Controller::envoy`], with its bootstrap changed by `edit` first (an Envoy not set up
+    /// the way `vmeshctl bootstrap` does).
+    pub fn envoy_with(
+        &self,
+        proxy: &str,
+        protocol: Protocol,
+        edit: impl FnOnce(String) -> String,
+    ) -> Envoy {
         let bootstrap = render(&BootstrapArgs {
             protocol,
             admin_port: 0,
             ..BootstrapArgs::new(proxy.to_string(), self.process.xds_addr())
         })
         .expect("bootstrap");
-        let envoy = Envoy::start(&bootstrap, proxy);
+        let envoy = Envoy::start(&edit(bootstrap), proxy);
         envoy.wait_ready(DEADLINE);
         envoy
     }

@@ -44,7 +44,7 @@ pub use gateway::{
 };
 pub use problem::Problem;
 pub use read::read_documents;
-pub use store::{Config, ConfigSet, ObjectReport, ParsedSource, SourceMode, State};
+pub use store::{Claim, Config, ConfigSet, ObjectReport, ParsedSource, SourceMode, State};
 pub use upstream::{
     is_valid_consul_datacenter, is_valid_consul_service, ConsulDiscovery, Discovery, LoadBalancer,
     StaticDiscovery, StaticHost, UpstreamSpec, DEFAULT_CONNECT_TIMEOUT,

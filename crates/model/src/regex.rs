@@ -18,7 +18,6 @@ use regex_syntax::ast::{
 };
 
 use crate::problem::Problem;
-use crate::validate::Problems;
 
 /// The estimated RE2 program size a regex may have.
 pub const MAX_PROGRAM_SIZE: u64 = 2_000;
@@ -31,7 +30,7 @@ pub const ENVOY_PROGRAM_SIZE_LIMIT: u64 = 20_000;
 const MAX_REPEAT: u64 = 1_000;
 
 /// Checks `regex` (already known to be within the length limit) for Envoy.
-pub(crate) fn check_regex_for_envoy(path: &str, regex: &str, problems: &mut Problems) {
+pub(crate) fn check_regex_for_envoy(path: &str, regex: &str, problems: &mut Vec<Problem>) {
     if let Some(c) = regex.chars().find(|c| !c.is_ascii()) {
         problems.push(Problem::new(
             path,
@@ -285,7 +284,7 @@ mod tests {
     use super::*;
 
     fn problem(regex: &str) -> Option<String> {
-        let mut p = Problems::default();
+        let mut p = Vec::new();
         check_regex_for_envoy("r", regex, &mut p);
         p.into_iter().next().map(|p| p.message)
     }

@@ -104,6 +104,8 @@ pub struct Config {
     pub gateways: BTreeMap<String, GatewaySpec>,
     /// One report per object defined by any source (served or not).
     pub reports: BTreeMap<ObjectKey, ObjectReport>,
+    /// When each served object was claimed, for first-come rules (a contested domain).
+    pub claims: BTreeMap<ObjectKey, Claim>,
     /// Problems that belong to no object, per source.
     pub source_errors: BTreeMap<String, Vec<Problem>>,
     /// Discovered instances of Consul services, for upstreams with `consul` discovery.
@@ -163,6 +165,8 @@ struct Good {
 struct DocState {
     /// Where the document is in its source: `documents[i]` for multi-document sources.
     location: String,
+    /// Its index among the source's documents.
+    position: usize,
     version: String,
     errors: Vec<Problem>,
     last_good: Option<Good>,
@@ -254,10 +258,23 @@ impl ParsedSource {
     }
 }
 
+/// When an object was claimed: earlier claims sort first. The same on every replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Claim {
+    /// When its source was created: the Consul CreateIndex of its key; 0 for files.
+    pub created: u64,
+    /// Its source's place in path order.
+    pub source: usize,
+    /// Its place among the documents of its source.
+    pub position: usize,
+}
+
 /// Every source's objects, with last-good versions. Pure and deterministic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfigSet {
     sources: BTreeMap<String, SourceEntry>,
+    /// When sources were created (Consul's CreateIndex), for [`Claim`]s.
+    created: BTreeMap<String, u64>,
 }
 
 impl ConfigSet {
@@ -342,7 +359,14 @@ impl ConfigSet {
 
     /// Forgets `source` and every object it defined. Returns whether it was known.
     pub fn remove_source(&mut self, source: &str) -> bool {
+        self.created.remove(source);
         self.sources.remove(source).is_some()
+    }
+
+    /// Records when `source` was created (a Consul key's CreateIndex): of two objects claiming
+    /// the same thing, the older keeps it. Returns whether it changed.
+    pub fn set_created(&mut self, source: &str, created: u64) -> bool {
+        self.created.insert(source.to_string(), created) != Some(created)
     }
 
     /// The sources currently known, in order.
@@ -355,7 +379,7 @@ impl ConfigSet {
         let mut config = Config::default();
         // Sources iterate in sorted order, so the first definition seen wins.
         let mut owners: BTreeMap<&ObjectKey, &str> = BTreeMap::new();
-        for (source, entry) in &self.sources {
+        for (rank, (source, entry)) in self.sources.iter().enumerate() {
             let mut problems = Vec::new();
             if let Some(e) = &entry.syntax_error {
                 problems.push(e.clone());
@@ -384,6 +408,14 @@ impl ConfigSet {
                 let serving_version = doc.last_good.as_ref().map(|g| g.version.clone());
                 if let Some(good) = &doc.last_good {
                     config.insert(key.clone(), good.object.clone());
+                    config.claims.insert(
+                        key.clone(),
+                        Claim {
+                            created: self.created.get(source).copied().unwrap_or(0),
+                            source: rank,
+                            position: doc.position,
+                        },
+                    );
                 }
                 config.reports.insert(
                     key.clone(),
@@ -455,6 +487,7 @@ fn build_entry(
                     doc.key,
                     DocState {
                         location: location.clone(),
+                        position: i,
                         version: doc.version,
                         errors,
                         last_good,

@@ -431,3 +431,48 @@ mod rejected_sources {
         );
     }
 }
+
+#[test]
+fn claims_follow_consul_creation_then_file_order_then_document_order() {
+    let vs = |name: &str| {
+        format!("kind: VirtualService\nname: {name}\nspec:\n  domains: ['*']\n  routes:\n    - directResponse: {{status: 200}}\n")
+    };
+    let mut set = ConfigSet::new();
+    set.upsert_source(
+        "b.yaml",
+        &format!("{}---\n{}", vs("zz"), vs("aa")),
+        SourceMode::MultiDoc,
+    );
+    set.upsert_source("a.yaml", &vs("mm"), SourceMode::MultiDoc);
+    let claims = set.snapshot().claims;
+    let order = |claims: &std::collections::BTreeMap<ObjectKey, vmesh_model::Claim>| {
+        let mut keys: Vec<(vmesh_model::Claim, String)> =
+            claims.iter().map(|(k, c)| (*c, k.name.clone())).collect();
+        keys.sort();
+        keys.into_iter().map(|(_, n)| n).collect::<Vec<_>>()
+    };
+    // a.yaml before b.yaml; in b.yaml, zz (first document) before aa.
+    assert_eq!(order(&claims), ["mm", "zz", "aa"]);
+
+    // Consul keys: the older key first, whatever the names.
+    let mut set = ConfigSet::new();
+    for (name, created) in [("a", 30), ("b", 10), ("c", 20)] {
+        let source = format!("vmesh/config/VirtualService/{name}");
+        set.upsert_keyed(&source, &ObjectKey::virtual_service(name), &vs(name));
+        assert!(set.set_created(&source, created));
+        assert!(
+            !set.set_created(&source, created),
+            "no change the second time"
+        );
+    }
+    assert_eq!(order(&set.snapshot().claims), ["b", "c", "a"]);
+    // A key deleted and created again is a new claim.
+    set.remove_source("vmesh/config/VirtualService/b");
+    set.upsert_keyed(
+        "vmesh/config/VirtualService/b",
+        &ObjectKey::virtual_service("b"),
+        &vs("b"),
+    );
+    set.set_created("vmesh/config/VirtualService/b", 40);
+    assert_eq!(order(&set.snapshot().claims), ["c", "a", "b"]);
+}

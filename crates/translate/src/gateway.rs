@@ -20,14 +20,15 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 use vmesh_model::limits::MAX_DIRECT_RESPONSE_BODY;
-use vmesh_model::{domain_host, Config, GatewaySpec, ObjectKey};
+use vmesh_model::{domain_host, Config, GatewaySpec, ObjectKey, VirtualServiceSpec};
 use vmesh_xds::resource::{CLUSTER, LISTENER, ROUTE};
-use vmesh_xds::{Resource, ResourceRef};
+use vmesh_xds::{Part, Resource, ResourceRef};
 
 use crate::access_log::access_log;
 use crate::routes::VirtualServiceRoutes;
 use crate::upstream::{
-    socket_address, unavailable_cluster, UpstreamResources, UNAVAILABLE_CLUSTER,
+    socket_address, unavailable_cluster, UpstreamResources, CONNECTION_BUFFER_BYTES,
+    UNAVAILABLE_CLUSTER,
 };
 use crate::{ads_config_source, ProxyOutput, Reports};
 
@@ -40,6 +41,9 @@ pub fn listener_name(gateway: &str) -> String {
 pub fn route_config_name(gateway: &str) -> String {
     format!("gw-{gateway}-routes")
 }
+
+/// `RouteConfiguration.virtual_hosts`.
+const VIRTUAL_HOSTS_FIELD: u32 = 2;
 
 /// What one gateway produces, the same on each of its proxies.
 struct GatewayResources {
@@ -167,13 +171,26 @@ fn translate_gateway<'c>(
 
     let mut route_origins = BTreeSet::from([key.clone()]);
     let mut clusters = BTreeSet::new();
+    // One part per virtual host, so that a proxy's refusal is narrowed down to a virtual
+    // service and the others keep flowing (vmesh_xds::stream).
     let mut virtual_hosts = Vec::new();
-    // Domain (lowercase) → the virtual service that has it on this gateway.
+    // Domain (lowercase) → the virtual service that has it on this gateway: the one that
+    // claimed it first (its Consul key created first; in a directory, defined first), so a
+    // newcomer cannot take a host from the virtual service serving it.
     let mut domain_owner: BTreeMap<String, &str> = BTreeMap::new();
-    for (vs_name, vs_spec) in &config.virtual_services {
-        if !selected.contains(vs_name.as_str()) {
-            continue;
-        }
+    let mut by_claim: Vec<(&String, &VirtualServiceSpec)> = config
+        .virtual_services
+        .iter()
+        .filter(|(name, _)| selected.contains(name.as_str()))
+        .collect();
+    by_claim.sort_by_key(|(name, _)| {
+        config
+            .claims
+            .get(&ObjectKey::virtual_service(name.as_str()))
+            .copied()
+            .unwrap_or_default()
+    });
+    for (vs_name, vs_spec) in by_claim {
         served.insert(vs_name.as_str());
         let vs_key = ObjectKey::virtual_service(vs_name);
         let mut domains = Vec::new();
@@ -199,7 +216,7 @@ fn translate_gateway<'c>(
                     vs_key.clone(),
                     format!("spec.domains[{i}]"),
                     format!(
-                        "domain {domain:?} is already served by VirtualService {owner:?} on Gateway {name:?}; ignored there"
+                        "domain {domain:?} belongs to VirtualService {owner:?}, which claimed it first on Gateway {name:?}; ignored there"
                     ),
                 );
             } else {
@@ -219,28 +236,37 @@ fn translate_gateway<'c>(
             continue;
         };
         clusters.extend(translated.clusters.iter().cloned());
+        let refs = translated
+            .clusters
+            .iter()
+            .map(|c| ResourceRef::new(CLUSTER, c.clone()))
+            .collect();
+        virtual_hosts.push(Part::element(
+            vs_key.to_string(),
+            VIRTUAL_HOSTS_FIELD,
+            &VirtualHost {
+                name: vs_name.clone(),
+                domains,
+                routes: translated.routes.clone(),
+                ..Default::default()
+            },
+            refs,
+        ));
         route_origins.insert(vs_key);
-        virtual_hosts.push(VirtualHost {
-            name: vs_name.clone(),
-            domains,
-            routes: translated.routes.clone(),
-            ..Default::default()
-        });
     }
 
-    let route_config = RouteConfiguration {
+    let around = RouteConfiguration {
         name: rc_name.clone(),
-        virtual_hosts,
         // Envoy's default is 4 KiB; a direct response may be as long as the model allows.
         max_direct_response_body_size_bytes: Some(UInt32Value {
             value: MAX_DIRECT_RESPONSE_BODY as u32,
         }),
         ..Default::default()
     };
-    let route_refs = clusters
-        .iter()
-        .map(|c| ResourceRef::new(CLUSTER, c.clone()))
-        .collect();
+    let mut parts = vec![Part::fields(key.to_string(), &around)];
+    // In name order, whatever the claims: the same config gives the same bytes.
+    virtual_hosts.sort_by(|a, b| a.key.cmp(&b.key));
+    parts.extend(virtual_hosts);
 
     GatewayResources {
         listener: Arc::new(Resource::new(
@@ -249,7 +275,9 @@ fn translate_gateway<'c>(
             &listener(name, spec, &rc_name),
             vec![ResourceRef::new(ROUTE, rc_name.clone())],
         )),
-        route_config: Arc::new(Resource::new(ROUTE, rc_name, &route_config, route_refs)),
+        route_config: Arc::new(Resource::from_parts::<RouteConfiguration>(
+            ROUTE, rc_name, parts,
+        )),
         route_origins,
         clusters,
     }
@@ -261,9 +289,6 @@ fn any<M: Message + Name>(message: &M) -> Any {
         value: message.encode_to_vec(),
     }
 }
-
-/// The memory one connection may hold in buffers, each way (Envoy's default is 1 MiB).
-pub(crate) const CONNECTION_BUFFER_BYTES: u32 = 32 * 1024;
 
 fn secs(s: i64) -> Option<PbDuration> {
     Some(PbDuration {

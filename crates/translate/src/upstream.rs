@@ -29,6 +29,10 @@ use vmesh_xds::{Resource, ResourceRef};
 
 use crate::{ads_config_source, pb_duration, Reports};
 
+/// The memory one connection (to a client or an upstream) may hold in buffers, each way
+/// (Envoy's default is 1 MiB).
+pub(crate) const CONNECTION_BUFFER_BYTES: u32 = 32 * 1024;
+
 /// The cluster and its endpoints for one upstream.
 pub(crate) struct UpstreamResources {
     pub cluster: Arc<Resource>,
@@ -73,7 +77,7 @@ pub(crate) fn translate_upstream(
         connect_timeout: Some(pb_duration(spec.connect_timeout.get())),
         lb_policy: lb_policy as i32,
         per_connection_buffer_limit_bytes: Some(UInt32Value {
-            value: crate::gateway::CONNECTION_BUFFER_BYTES,
+            value: CONNECTION_BUFFER_BYTES,
         }),
         ..Default::default()
     };

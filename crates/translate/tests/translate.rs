@@ -284,7 +284,8 @@ fn a_virtual_service_served_by_no_gateway_warns() {
 // ---------------------------------------------------------------- route configurations
 
 #[test]
-fn virtual_hosts_are_sorted_by_name_and_domains_are_not_shared() {
+fn virtual_hosts_are_sorted_by_name_and_a_domain_stays_with_its_first_claim() {
+    // One file: the document defined first claims first.
     let t = run(&format!(
         "{EDGE}{}{}{}",
         vs(
@@ -308,28 +309,69 @@ fn virtual_hosts_are_sorted_by_name_and_domains_are_not_shared() {
     assert_eq!(
         hosts,
         [
+            ("alpha".to_string(), vec!["*".to_string()]),
             (
-                "alpha".to_string(),
-                vec!["a.com".to_string(), "*".to_string()]
+                "zeta".to_string(),
+                vec!["z.com".to_string(), "a.com".to_string()]
             ),
-            ("zeta".to_string(), vec!["z.com".to_string()]),
         ]
     );
     assert_eq!(
-        warnings(&t, &ObjectKey::virtual_service("zeta")),
-        ["spec.domains[1]: domain \"a.com\" is already served by VirtualService \"alpha\" on Gateway \"edge\"; ignored there"]
+        warnings(&t, &ObjectKey::virtual_service("alpha")),
+        ["spec.domains[0]: domain \"a.com\" belongs to VirtualService \"zeta\", which claimed it first on Gateway \"edge\"; ignored there"]
     );
     let mid = ObjectKey::virtual_service("mid");
     assert_eq!(
         warnings(&t, &mid),
         [
-            "spec.domains[0]: domain \"A.com\" is already served by VirtualService \"alpha\" on Gateway \"edge\"; ignored there",
+            "spec.domains[0]: domain \"A.com\" belongs to VirtualService \"zeta\", which claimed it first on Gateway \"edge\"; ignored there",
             "spec.domains: no domain left on Gateway \"edge\"; not served there",
         ]
     );
     let origins = &t.proxies["gateway-proxy"].origins[&(ROUTE, "gw-edge-routes".to_string())];
     assert!(origins.contains(&ObjectKey::virtual_service("alpha")));
     assert!(!origins.contains(&mid));
+}
+
+/// In Consul, the key created first claims first, whatever the names: a newly added
+/// `a-shop` cannot take `shop.example.com` from `shop`.
+#[test]
+fn in_consul_the_older_key_keeps_a_contested_domain() {
+    let served_by = |shop_created: u64, a_shop_created: u64| {
+        let mut set = ConfigSet::new();
+        set.upsert_keyed(
+            "vmesh/config/Gateway/edge",
+            &ObjectKey::gateway("edge"),
+            EDGE.trim_end_matches("---\n"),
+        );
+        for (name, created) in [("shop", shop_created), ("a-shop", a_shop_created)] {
+            let source = format!("vmesh/config/VirtualService/{name}");
+            set.upsert_keyed(
+                &source,
+                &ObjectKey::virtual_service(name),
+                vs(
+                    name,
+                    "['shop.example.com']",
+                    "    - directResponse: {status: 200}",
+                )
+                .trim_end_matches("---\n"),
+            );
+            set.set_created(&source, created);
+        }
+        let t = translate(&set.snapshot());
+        let rc: RouteConfiguration = decode(&t, "gateway-proxy", ROUTE, "gw-edge-routes");
+        let owner: Vec<String> = rc.virtual_hosts.iter().map(|v| v.name.clone()).collect();
+        let loser = if owner == ["shop"] { "a-shop" } else { "shop" };
+        (owner, warnings(&t, &ObjectKey::virtual_service(loser)))
+    };
+    let (owner, warned) = served_by(5, 9);
+    assert_eq!(owner, ["shop"]);
+    assert_eq!(
+        warned,
+        ["spec.domains[0]: domain \"shop.example.com\" belongs to VirtualService \"shop\", which claimed it first on Gateway \"edge\"; ignored there", "spec.domains: no domain left on Gateway \"edge\"; not served there"]
+    );
+    let (owner, _) = served_by(9, 5);
+    assert_eq!(owner, ["a-shop"]);
 }
 
 #[test]

@@ -10,4 +10,4 @@ pub mod resource;
 pub mod server;
 pub mod stream;
 
-pub use resource::{ProxySnapshot, Resource, ResourceRef, TypeResources};
+pub use resource::{Part, ProxySnapshot, Resource, ResourceRef, TypeResources};

@@ -61,6 +61,55 @@ pub struct Resource {
     pub version: String,
     pub body: Any,
     pub refs: Vec<ResourceRef>,
+    /// The pieces the body is made of, when it is composed ([`Resource::from_parts`]); empty
+    /// otherwise.
+    pub parts: Vec<Part>,
+}
+
+/// One piece of a composed resource that a proxy's refusal can be narrowed down to: a virtual
+/// host of a route configuration, or the fields around them. When a proxy refuses a composed
+/// resource, the stream finds the part at fault and sends the others on, with that part at the
+/// content the proxy last accepted (the stream's `parts` module).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    /// What produced the part, as `Kind/name` (`VirtualService/web`): who a refusal is blamed on.
+    pub key: String,
+    /// Content hash of `bytes`.
+    pub version: String,
+    /// Encoded protobuf fields; the body is the concatenation of its parts' bytes.
+    pub bytes: Arc<[u8]>,
+    pub refs: Vec<ResourceRef>,
+}
+
+impl Part {
+    /// Fields of the message (every field but the repeated ones given as parts).
+    pub fn fields<M: Message>(key: impl Into<String>, message: &M) -> Self {
+        Self::of_bytes(key.into(), message.encode_to_vec(), Vec::new())
+    }
+
+    /// One element of the repeated message field `tag`.
+    pub fn element<M: Message>(
+        key: impl Into<String>,
+        tag: u32,
+        message: &M,
+        refs: Vec<ResourceRef>,
+    ) -> Self {
+        let mut bytes = Vec::with_capacity(message.encoded_len() + 8);
+        prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut bytes);
+        message
+            .encode_length_delimited(&mut bytes)
+            .expect("a Vec grows as needed");
+        Self::of_bytes(key.into(), bytes, refs)
+    }
+
+    fn of_bytes(key: String, bytes: Vec<u8>, refs: Vec<ResourceRef>) -> Self {
+        Part {
+            key,
+            version: content_version(&bytes),
+            bytes: bytes.into(),
+            refs,
+        }
+    }
 }
 
 impl Resource {
@@ -82,6 +131,42 @@ impl Resource {
                 value,
             },
             refs,
+            parts: Vec::new(),
+        }
+    }
+
+    /// A resource of type `M` whose encoding is its parts' bytes, in order (protobuf reads
+    /// fields in any order and appends repeated ones), referring to what they refer to.
+    pub fn from_parts<M: Name>(
+        type_url: &'static str,
+        name: impl Into<String>,
+        parts: Vec<Part>,
+    ) -> Self {
+        debug_assert_eq!(M::type_url(), type_url);
+        Self::composed(type_url, name.into(), parts)
+    }
+
+    /// The same resource made of other parts (the stream's substitutions).
+    pub fn with_parts(&self, parts: Vec<Part>) -> Self {
+        Self::composed(self.type_url, self.name.clone(), parts)
+    }
+
+    fn composed(type_url: &'static str, name: String, parts: Vec<Part>) -> Self {
+        let value: Vec<u8> = parts.iter().flat_map(|p| p.bytes.iter().copied()).collect();
+        let mut refs: Vec<ResourceRef> =
+            parts.iter().flat_map(|p| p.refs.iter().cloned()).collect();
+        refs.sort();
+        refs.dedup();
+        Self {
+            type_url,
+            name,
+            version: content_version(&value),
+            body: Any {
+                type_url: type_url.to_string(),
+                value,
+            },
+            refs,
+            parts,
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct Connection {
     pub mode: Mode,
     /// (type URL, resource name) → acknowledged version.
     pub acked: HashMap<(String, String), String>,
+    /// Of composed resources: (type URL, resource name) → part key → acknowledged version.
+    pub acked_parts: HashMap<(String, String), BTreeMap<String, String>>,
     /// Whether the proxy holds exactly its target.
     pub in_sync: bool,
 }
@@ -109,12 +111,20 @@ impl Connections {
             .acked()
             .map(|(t, n, v)| ((t.to_string(), n.to_string()), v.to_string()))
             .collect();
+        let mut acked_parts: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
+        for (t, n, key, version) in stream.acked_parts() {
+            acked_parts
+                .entry((t.to_string(), n.to_string()))
+                .or_default()
+                .insert(key.to_string(), version.to_string());
+        }
         self.lock().insert(
             info.id,
             Connection {
                 node: info.node.clone(),
                 mode: info.mode,
                 acked,
+                acked_parts,
                 in_sync: stream.in_sync(),
             },
         );
@@ -381,12 +391,16 @@ fn log_event(info: &StreamInfo, event: &Event) {
         Event::Nack {
             type_url,
             rejected,
+            parts,
+            trying,
             message,
         } => warn!(
             node = %info.node,
             r#type = short_type(type_url),
             rejected = ?rejected.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            message = %message,
+            at_fault = ?parts.iter().map(|(_, key)| key.as_str()).collect::<Vec<_>>(),
+            trying_one_by_one = ?trying,
+            message = %message.trim_end(),
             "proxy rejected config"
         ),
         Event::StaleNonce { type_url } => {

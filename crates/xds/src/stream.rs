@@ -16,7 +16,9 @@
 //! - a changed cluster gets its endpoints sent again (Envoy keeps an EDS
 //!   cluster warming until it does);
 //! - a proxy that reconnects with versions equal to the current ones
-//!   (`initial_resource_versions`, or a SotW `version_info`) is sent nothing.
+//!   (`initial_resource_versions`, or a SotW `version_info`) is sent nothing;
+//! - a refused composed resource (a route configuration) is narrowed down to the parts at
+//!   fault, and sent on with those at their last accepted content ([`parts`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -30,6 +32,9 @@ use crate::resource::{
     content_version, is_wildcard_type, ProxySnapshot, Resource, ResourceRef, CLUSTER, ENDPOINT,
     PUSH_ORDER,
 };
+
+mod parts;
+use parts::{PartJudgement, Verdict};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -55,10 +60,15 @@ pub enum Event {
         committed: Vec<(String, String)>,
     },
     /// The proxy refused a response. `rejected` are the resources that the refused
-    /// response changed; the proxy keeps what it had.
+    /// response changed; the proxy keeps what it had. Of composed resources, `parts` are the
+    /// (resource, part key) found at fault, and `trying` those whose changed parts are now
+    /// tried one at a time (nobody is blamed for them yet); any other resource of `rejected`
+    /// is refused as a whole.
     Nack {
         type_url: String,
         rejected: Vec<(String, String)>,
+        parts: Vec<(String, String)>,
+        trying: Vec<String>,
         message: String,
     },
     /// A request answered a response that has since been superseded; ignored.
@@ -129,6 +139,8 @@ struct TypeState {
     rejected: BTreeMap<String, String>,
     /// Names whose acknowledged version must not count: they are sent again.
     resend: BTreeSet<String>,
+    /// Of composed resources: the parts the proxy refused, and those being tried.
+    parts: PartJudgement,
     last_nonce: Option<String>,
     /// Whether anything was sent or confirmed for this type on this stream.
     answered: bool,
@@ -163,6 +175,9 @@ impl Stream {
 
     pub fn set_target(&mut self, target: Arc<ProxySnapshot>) {
         self.target = target;
+        for (type_url, ts) in &mut self.types {
+            ts.parts.prune(self.target.of_type(type_url));
+        }
     }
 
     pub fn target(&self) -> &Arc<ProxySnapshot> {
@@ -175,6 +190,25 @@ impl Stream {
             ts.acked
                 .iter()
                 .map(move |(name, held)| (type_url.as_str(), name.as_str(), held.version.as_str()))
+        })
+    }
+
+    /// The part versions the proxy has acknowledged of composed resources, by type, name and
+    /// part key.
+    pub fn acked_parts(&self) -> impl Iterator<Item = (&str, &str, &str, &str)> {
+        self.types.iter().flat_map(|(type_url, ts)| {
+            ts.acked.iter().flat_map(move |(name, held)| {
+                held.body.iter().flat_map(move |body| {
+                    body.parts.iter().map(move |p| {
+                        (
+                            type_url.as_str(),
+                            name.as_str(),
+                            p.key.as_str(),
+                            p.version.as_str(),
+                        )
+                    })
+                })
+            })
         })
     }
 
@@ -268,6 +302,7 @@ impl Stream {
                 // The proxy forgot it: it must be sent again if asked for again.
                 ts.acked.remove(name);
                 ts.rejected.remove(name);
+                ts.parts.forget(name);
             }
         }
         if first {
@@ -328,6 +363,11 @@ impl Stream {
                     continue;
                 }
                 let refused = ts.rejected.get(name) == Some(&resource.version);
+                // Parts the proxy refused stay at what it accepted.
+                let resource = &ts
+                    .parts
+                    .compose(resource, ts.acked.get(name))
+                    .unwrap_or_else(|| resource.clone());
                 if !refused && self.refs_ready(resource) {
                     view.insert(name.clone(), Held::of(resource));
                 } else if let Some(old) = ts.acked.get(name) {
@@ -468,8 +508,14 @@ fn req_error(req: &DiscoveryRequest) -> Option<String> {
 /// Commits (ACK) or drops (NACK) the response in flight that `nonce` answers.
 fn settle(ts: &mut TypeState, type_url: &str, nonce: &str, error: Option<String>) -> Option<Event> {
     let in_flight = ts.in_flight.take_if(|f| f.nonce == nonce)?;
+    let sent = |name: &str| in_flight.view.get(name).and_then(|h| h.body.clone());
     match error {
         None => {
+            for (name, _) in &in_flight.changed {
+                if let Some(sent) = sent(name) {
+                    ts.parts.accepted(ts.acked.get(name), &sent);
+                }
+            }
             ts.acked = in_flight.view;
             for (name, version) in &in_flight.changed {
                 if ts.rejected.get(name) != Some(version) {
@@ -482,12 +528,27 @@ fn settle(ts: &mut TypeState, type_url: &str, nonce: &str, error: Option<String>
             })
         }
         Some(message) => {
+            let (mut parts, mut trying) = (Vec::new(), Vec::new());
             for (name, version) in &in_flight.changed {
-                ts.rejected.insert(name.clone(), version.clone());
+                let verdict = match sent(name) {
+                    Some(sent) => ts.parts.refused(ts.acked.get(name), &sent),
+                    None => Verdict::Whole,
+                };
+                match verdict {
+                    Verdict::Whole => {
+                        ts.rejected.insert(name.clone(), version.clone());
+                    }
+                    Verdict::Parts(keys) => {
+                        parts.extend(keys.into_iter().map(|k| (name.clone(), k)));
+                    }
+                    Verdict::Trying => trying.push(name.clone()),
+                }
             }
             Some(Event::Nack {
                 type_url: type_url.to_string(),
                 rejected: in_flight.changed,
+                parts,
+                trying,
                 message,
             })
         }

@@ -2,7 +2,7 @@
 //! real Envoy has with the server.
 
 use super::*;
-use crate::resource::{LISTENER, ROUTE};
+use crate::resource::{Part, LISTENER, ROUTE};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -294,6 +294,8 @@ fn a_nack_keeps_the_last_good_config_and_the_same_version_is_not_resent() {
         vec![Event::Nack {
             type_url: LISTENER.into(),
             rejected: vec![("gw".into(), bad_version)],
+            parts: vec![],
+            trying: vec![],
             message: "Proto constraint validation failed".into(),
         }]
     );
@@ -622,5 +624,191 @@ fn one_response_per_type_in_flight_coalesces_bursts() {
         names_in(&cds2),
         vec!["a", "b", "c", "d"],
         "the latest state, once"
+    );
+}
+
+/// A route configuration "gw" made of parts: one virtual host per (virtual service, content).
+fn composed_routes(vhosts: &[(&str, &str)]) -> Resource {
+    let mut parts = vec![Part::fields(
+        "Gateway/gw",
+        &RouteConfiguration {
+            name: "gw".into(),
+            ..Default::default()
+        },
+    )];
+    for (vs, content) in vhosts {
+        parts.push(Part::element(
+            format!("VirtualService/{vs}"),
+            2,
+            &VirtualHost {
+                name: vs.to_string(),
+                domains: vec![content.to_string()],
+                ..Default::default()
+            },
+            vec![ResourceRef::new(CLUSTER, "a")],
+        ));
+    }
+    Resource::from_parts::<RouteConfiguration>(ROUTE, "gw", parts)
+}
+
+/// The usual gateway with a composed route configuration.
+fn composed_gateway(vhosts: &[(&str, &str)]) -> Arc<ProxySnapshot> {
+    let mut s = (*gateway(&["a"])).clone();
+    s.insert(composed_routes(vhosts));
+    Arc::new(s)
+}
+
+/// The virtual hosts of the one route configuration of a delta response, as (name, domain).
+fn vhosts_in(r: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
+    assert_eq!(r.type_url, ROUTE);
+    let any = r.resources[0].resource.as_ref().unwrap();
+    let rc = <RouteConfiguration as prost::Message>::decode(&*any.value).unwrap();
+    assert_eq!(
+        rc.name, "gw",
+        "the fields around the virtual hosts are kept"
+    );
+    let mut v: Vec<(String, String)> = rc
+        .virtual_hosts
+        .into_iter()
+        .map(|vh| (vh.name, vh.domains[0].clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+fn refuse(s: &mut Stream, nonce: &str) -> Event {
+    let mut req = delta_req(ROUTE, &[], nonce);
+    req.error_detail = Some(Status {
+        code: 13,
+        message: "missing ): (unclosed\n".into(),
+        details: vec![],
+    });
+    let mut events = s.handle_delta(&req);
+    assert_eq!(events.len(), 1, "{events:?}");
+    events.remove(0)
+}
+
+/// Sends what is due for routes; returns the one response.
+fn route_response(s: &mut Stream) -> DeltaDiscoveryResponse {
+    let out = s.poll();
+    let r = delta(&out);
+    assert_eq!(r.len(), 1, "{out:?}");
+    r[0].clone()
+}
+
+#[test]
+fn a_refused_virtual_service_freezes_only_itself() {
+    let mut s = Stream::new(Mode::Delta, composed_gateway(&[("a", "a1"), ("b", "b1")]));
+    converge_delta(&mut s, &["a"]);
+
+    // Virtual service a changes to something the proxy refuses.
+    s.set_target(composed_gateway(&[("a", "bad"), ("b", "b1")]));
+    let r = route_response(&mut s);
+    let event = refuse(&mut s, &r.nonce);
+    let Event::Nack { parts, trying, .. } = &event else {
+        panic!("{event:?}")
+    };
+    assert_eq!(parts, &[("gw".to_string(), "VirtualService/a".to_string())]);
+    assert!(trying.is_empty());
+    assert!(s.poll().is_empty(), "the refused version is not sent again");
+
+    // b changes: it goes out, with a as the proxy last accepted it.
+    s.set_target(composed_gateway(&[("a", "bad"), ("b", "b2")]));
+    let r = route_response(&mut s);
+    assert_eq!(vhosts_in(&r), owned(&[("a", "a1"), ("b", "b2")]));
+    s.handle_delta(&delta_req(ROUTE, &[], &r.nonce));
+    assert!(!s.in_sync(), "a is not what the target says");
+
+    // a is fixed: the target goes out whole.
+    s.set_target(composed_gateway(&[("a", "a2"), ("b", "b2")]));
+    let r = route_response(&mut s);
+    assert_eq!(vhosts_in(&r), owned(&[("a", "a2"), ("b", "b2")]));
+    s.handle_delta(&delta_req(ROUTE, &[], &r.nonce));
+    assert!(s.in_sync());
+}
+
+#[test]
+fn a_refusal_of_several_changes_is_narrowed_down_one_at_a_time() {
+    let mut s = Stream::new(
+        Mode::Delta,
+        composed_gateway(&[("a", "a1"), ("b", "b1"), ("c", "c1")]),
+    );
+    converge_delta(&mut s, &["a"]);
+
+    // a, b and c change in one response; b is the bad one.
+    s.set_target(composed_gateway(&[("a", "a2"), ("b", "bad"), ("c", "c2")]));
+    let r = route_response(&mut s);
+    let event = refuse(&mut s, &r.nonce);
+    assert!(
+        matches!(&event, Event::Nack { parts, trying, .. } if parts.is_empty() && trying == &["gw"]),
+        "{event:?}"
+    );
+
+    // a alone: accepted.
+    let r = route_response(&mut s);
+    assert_eq!(
+        vhosts_in(&r),
+        owned(&[("a", "a2"), ("b", "b1"), ("c", "c1")])
+    );
+    let events = s.handle_delta(&delta_req(ROUTE, &[], &r.nonce));
+    assert!(matches!(&events[..], [Event::Ack { .. }]), "{events:?}");
+
+    // b alone: refused, and blamed.
+    let r = route_response(&mut s);
+    assert_eq!(
+        vhosts_in(&r),
+        owned(&[("a", "a2"), ("b", "bad"), ("c", "c1")])
+    );
+    let event = refuse(&mut s, &r.nonce);
+    assert!(
+        matches!(&event, Event::Nack { parts, .. } if parts == &[("gw".to_string(), "VirtualService/b".to_string())]),
+        "{event:?}"
+    );
+
+    // c alone: accepted; then nothing more is due.
+    let r = route_response(&mut s);
+    assert_eq!(
+        vhosts_in(&r),
+        owned(&[("a", "a2"), ("b", "b1"), ("c", "c2")])
+    );
+    s.handle_delta(&delta_req(ROUTE, &[], &r.nonce));
+    assert!(s.poll().is_empty());
+    // What status reads: the parts the proxy holds, b at its last good version.
+    let acked: BTreeMap<String, String> = s
+        .acked_parts()
+        .filter(|(t, ..)| *t == ROUTE)
+        .map(|(_, _, key, version)| (key.to_string(), version.to_string()))
+        .collect();
+    let expected: BTreeMap<String, String> =
+        composed_routes(&[("a", "a2"), ("b", "b1"), ("c", "c2")])
+            .parts
+            .into_iter()
+            .map(|p| (p.key, p.version))
+            .collect();
+    assert_eq!(acked, expected);
+}
+
+#[test]
+fn a_refused_removal_keeps_the_virtual_service() {
+    let mut s = Stream::new(Mode::Delta, composed_gateway(&[("a", "a1"), ("b", "b1")]));
+    converge_delta(&mut s, &["a"]);
+    s.set_target(composed_gateway(&[("a", "a1")]));
+    let r = route_response(&mut s);
+    assert_eq!(vhosts_in(&r), owned(&[("a", "a1")]));
+    let event = refuse(&mut s, &r.nonce);
+    assert!(
+        matches!(&event, Event::Nack { parts, .. } if parts == &[("gw".to_string(), "VirtualService/b".to_string())]),
+        "{event:?}"
+    );
+    assert!(
+        s.poll().is_empty(),
+        "what the proxy holds is the target with b kept"
     );
 }

@@ -1,0 +1,211 @@
+//! Narrowing a refusal down to the part at fault, so that the other parts keep flowing.
+//!
+//! A composed resource ([`Resource::from_parts`]: a route configuration, one part per virtual
+//! service) that a proxy refuses is judged part by part. When the refused response changed one
+//! part, that part is at fault. When it changed several, each is tried alone on top of what the
+//! proxy holds, one response at a time, until the ones at fault are known. From then on the
+//! resource is sent with each part at fault at the content the proxy last accepted (or left out
+//! if it never accepted one), until the part changes again: a bad virtual service freezes only
+//! itself.
+//!
+//! Trials on Envoy 1.40 (docs/architecture.md, "When a proxy refuses config") showed it accepts
+//! such a rebuilt route configuration after a refusal, on both protocol variants, and that a
+//! refusal's message never names the virtual host at fault: only the server knows what changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::Held;
+use crate::resource::{Part, Resource, TypeResources};
+
+/// A changed part: its key and its new version ("" when the part was removed).
+type Change = (String, String);
+
+/// What a stream knows of the parts of the resources of one type.
+#[derive(Debug, Default)]
+pub(super) struct PartJudgement {
+    /// (resource, part key) → the part version the proxy refused ("" for its removal).
+    bad: BTreeMap<(String, String), String>,
+    /// Resource → the changes of a refused response still to be tried one at a time.
+    suspects: BTreeMap<String, Vec<Change>>,
+}
+
+/// How a refusal of one resource was judged.
+#[derive(Debug, PartialEq)]
+pub(super) enum Verdict {
+    /// Not composed, or nothing to narrow down: the whole resource is refused.
+    Whole,
+    /// These parts are at fault.
+    Parts(Vec<String>),
+    /// Several parts changed: each will be tried alone.
+    Trying,
+}
+
+/// The parts the proxy holds of a resource: `None` when it holds the resource with content
+/// unknown to this stream (told only its version) or not composed, which cannot be built on.
+fn held_parts(held: Option<&Held>) -> Option<&[Part]> {
+    match held {
+        None => Some(&[]),
+        Some(h) => match &h.body {
+            Some(body) if !body.parts.is_empty() => Some(&body.parts),
+            _ => None,
+        },
+    }
+}
+
+fn find<'p>(parts: &'p [Part], key: &str) -> Option<&'p Part> {
+    parts.iter().find(|p| p.key == key)
+}
+
+fn version_in<'p>(parts: &'p [Part], key: &str) -> &'p str {
+    find(parts, key).map_or("", |p| p.version.as_str())
+}
+
+/// What `sent` changes on top of `held`, in `sent`'s order, removals last.
+fn changes(held: &[Part], sent: &[Part]) -> Vec<Change> {
+    let mut out: Vec<Change> = sent
+        .iter()
+        .filter(|p| version_in(held, &p.key) != p.version)
+        .map(|p| (p.key.clone(), p.version.clone()))
+        .collect();
+    out.extend(
+        held.iter()
+            .filter(|p| find(sent, &p.key).is_none())
+            .map(|p| (p.key.clone(), String::new())),
+    );
+    out
+}
+
+impl PartJudgement {
+    /// What to send of `target`, given what the proxy holds: `None` when that is `target`
+    /// itself.
+    pub(super) fn compose(
+        &self,
+        target: &Arc<Resource>,
+        held: Option<&Held>,
+    ) -> Option<Arc<Resource>> {
+        if target.parts.is_empty() {
+            return None;
+        }
+        let held = held_parts(held)?;
+        let name = &target.name;
+        let live: Vec<&Change> = self
+            .suspects
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(key, version)| {
+                // Still what the target has, and still a change.
+                version_in(&target.parts, key) == version && version_in(held, key) != version
+            })
+            .collect();
+        let parts: Vec<Part> = if let Some((probe, _)) = live.first() {
+            // The first suspect alone, on top of what the proxy holds (in the target's order,
+            // so that once every part is judged the result is what the rule below makes).
+            let mut parts = Vec::with_capacity(target.parts.len());
+            for p in &target.parts {
+                if &p.key == probe {
+                    parts.push(p.clone());
+                } else {
+                    parts.extend(find(held, &p.key).cloned());
+                }
+            }
+            parts.extend(
+                held.iter()
+                    .filter(|p| &p.key != probe && find(&target.parts, &p.key).is_none())
+                    .cloned(),
+            );
+            parts
+        } else {
+            let is_bad = |key: &str, version: &str| {
+                self.bad
+                    .get(&(name.clone(), key.to_string()))
+                    .map(String::as_str)
+                    == Some(version)
+            };
+            let mut substituted = false;
+            let mut parts = Vec::with_capacity(target.parts.len());
+            for p in &target.parts {
+                if is_bad(&p.key, &p.version) {
+                    substituted = true;
+                    parts.extend(find(held, &p.key).cloned());
+                } else {
+                    parts.push(p.clone());
+                }
+            }
+            // A removal the proxy refused: it keeps the part.
+            for p in held {
+                if find(&target.parts, &p.key).is_none() && is_bad(&p.key, "") {
+                    substituted = true;
+                    parts.push(p.clone());
+                }
+            }
+            if !substituted {
+                return None;
+            }
+            parts
+        };
+        Some(Arc::new(target.with_parts(parts)))
+    }
+
+    /// The proxy refused `sent` while holding `held`.
+    pub(super) fn refused(&mut self, held: Option<&Held>, sent: &Resource) -> Verdict {
+        let Some(held) = held_parts(held) else {
+            return Verdict::Whole;
+        };
+        if sent.parts.is_empty() {
+            return Verdict::Whole;
+        }
+        let name = &sent.name;
+        let changed = changes(held, &sent.parts);
+        if let [(key, version)] = changed.as_slice() {
+            if let Some(suspects) = self.suspects.get_mut(name) {
+                suspects.retain(|c| c != &changed[0]);
+                if suspects.is_empty() {
+                    self.suspects.remove(name);
+                }
+            }
+            self.bad
+                .insert((name.clone(), key.clone()), version.clone());
+            return Verdict::Parts(vec![key.clone()]);
+        }
+        if changed.is_empty() {
+            return Verdict::Whole;
+        }
+        self.suspects.insert(name.clone(), changed);
+        Verdict::Trying
+    }
+
+    /// The proxy accepted `sent` while holding `held`: what it changed is not at fault.
+    pub(super) fn accepted(&mut self, held: Option<&Held>, sent: &Resource) {
+        let name = &sent.name;
+        if let (Some(suspects), Some(held)) = (self.suspects.get_mut(name), held_parts(held)) {
+            let changed = changes(held, &sent.parts);
+            suspects.retain(|c| !changed.contains(c));
+            if suspects.is_empty() {
+                self.suspects.remove(name);
+            }
+        }
+    }
+
+    /// Forgets what no longer applies to `target` (the resources of this type the proxy
+    /// should hold now): judgements of part versions it no longer has.
+    pub(super) fn prune(&mut self, target: Option<&TypeResources>) {
+        let current = |name: &str, key: &str| -> Option<&str> {
+            let resource = target?.get(name)?;
+            Some(version_in(&resource.parts, key))
+        };
+        self.bad
+            .retain(|(name, key), version| current(name, key) == Some(version.as_str()));
+        self.suspects.retain(|name, changes| {
+            changes.retain(|(key, version)| current(name, key) == Some(version.as_str()));
+            !changes.is_empty()
+        });
+    }
+
+    /// The proxy no longer holds the resource.
+    pub(super) fn forget(&mut self, name: &str) {
+        self.suspects.remove(name);
+        self.bad.retain(|(n, _), _| n != name);
+    }
+}
