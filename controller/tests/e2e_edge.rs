@@ -250,6 +250,35 @@ fn a_host_with_a_port_matches_its_domain() {
     // As browsers and curl send it to a gateway on a port other than 80.
     wait_served_by(e.port, "/", &[("host", with_port.as_str())], "v1");
     wait_served_by(e.port, "/", &[("host", "shop.example")], "v1");
+    // The upstream sees Host as the client sent it.
+    let r = get_with(e.port, "/", &[("host", with_port.as_str())]);
+    assert!(
+        r.body.contains(&format!("\"host\":\"{with_port}\"")),
+        "{}",
+        r.body
+    );
+    e.still_flowing();
+}
+
+/// A redirect that changes only the path sends the client back to the port it came to.
+#[test]
+fn a_redirect_keeps_the_port_the_client_used() {
+    let e = Edge::start(&[(
+        "old.yaml",
+        &vs(
+            "old",
+            "old.example",
+            "    - redirect: {pathRedirect: /new, responseCode: 302}",
+        ),
+    )]);
+    let with_port = format!("old.example:{}", e.port);
+    let location = eventually(DEADLINE, "the redirect", || {
+        let r = get(e.port, "/x", &[("host", with_port.as_str())])?;
+        (r.status == 302)
+            .then(|| r.header("location").unwrap_or_default().to_string())
+            .ok_or(r.status.to_string())
+    });
+    assert_eq!(location, format!("http://{with_port}/new"));
     e.still_flowing();
 }
 

@@ -12,9 +12,7 @@ use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, 
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{
-        CodecType, PathWithEscapedSlashesAction, RouteSpecifier, StripPortMode,
-    },
+    http_connection_manager::{CodecType, PathWithEscapedSlashesAction, RouteSpecifier},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
@@ -257,6 +255,10 @@ fn translate_gateway<'c>(
 
     let around = RouteConfiguration {
         name: rc_name.clone(),
+        // `Host: shop.example.com:8080` matches the domain `shop.example.com`, as browsers and
+        // curl send it to a gateway on a port other than 80. Only for matching: the Host header
+        // keeps its port, so a redirect sends the client back to the port it came to.
+        ignore_port_in_host_matching: true,
         // Envoy's default is 4 KiB; a direct response may be as long as the model allows.
         max_direct_response_body_size_bytes: Some(UInt32Value {
             value: MAX_DIRECT_RESPONSE_BODY as u32,
@@ -314,9 +316,6 @@ fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
             config_source: Some(ads_config_source()),
             route_config_name: rc_name.to_string(),
         })),
-        // `Host: shop.example.com:8080` matches the domain `shop.example.com`, as browsers and
-        // curl send it to a gateway on a port other than 80.
-        strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
         // The client is the TCP peer (or, behind trusted proxies, the address they saw), never
         // what a client writes into X-Forwarded-For.
         use_remote_address: Some(BoolValue { value: true }),
