@@ -362,12 +362,13 @@ impl Stream {
                 if !ts.wants(name) {
                     continue;
                 }
-                let refused = ts.rejected.get(name) == Some(&resource.version);
                 // Parts the proxy refused stay at what it accepted.
                 let resource = &ts
                     .parts
                     .compose(resource, ts.acked.get(name))
                     .unwrap_or_else(|| resource.clone());
+                // What the proxy refused as a whole (composed or not) is not sent again.
+                let refused = ts.rejected.get(name) == Some(&resource.version);
                 if !refused && self.refs_ready(resource) {
                     view.insert(name.clone(), Held::of(resource));
                 } else if let Some(old) = ts.acked.get(name) {

@@ -41,13 +41,16 @@ pub(super) enum Verdict {
     Trying,
 }
 
-/// The parts the proxy holds of a resource: `None` when it holds the resource with content
-/// unknown to this stream (told only its version) or not composed, which cannot be built on.
-fn held_parts(held: Option<&Held>) -> Option<&[Part]> {
+/// What the parts of `resource` are judged against: the parts the proxy holds of it; for a
+/// resource it does not hold yet, the first part of `resource` alone (the fields around the
+/// repeated parts, without which it is not a valid message). `None` when the proxy holds it
+/// with content unknown to this stream (told only its version) or not composed, which cannot
+/// be built on.
+fn held_parts(held: Option<&Held>, resource: &Resource) -> Option<Vec<Part>> {
     match held {
-        None => Some(&[]),
+        None => Some(resource.parts.first().cloned().into_iter().collect()),
         Some(h) => match &h.body {
-            Some(body) if !body.parts.is_empty() => Some(&body.parts),
+            Some(body) if !body.parts.is_empty() => Some(body.parts.clone()),
             _ => None,
         },
     }
@@ -87,7 +90,7 @@ impl PartJudgement {
         if target.parts.is_empty() {
             return None;
         }
-        let held = held_parts(held)?;
+        let held = &held_parts(held, target)?;
         let name = &target.name;
         let live: Vec<&Change> = self
             .suspects
@@ -150,14 +153,14 @@ impl PartJudgement {
 
     /// The proxy refused `sent` while holding `held`.
     pub(super) fn refused(&mut self, held: Option<&Held>, sent: &Resource) -> Verdict {
-        let Some(held) = held_parts(held) else {
-            return Verdict::Whole;
-        };
         if sent.parts.is_empty() {
             return Verdict::Whole;
         }
+        let Some(held) = held_parts(held, sent) else {
+            return Verdict::Whole;
+        };
         let name = &sent.name;
-        let changed = changes(held, &sent.parts);
+        let changed = changes(&held, &sent.parts);
         if let [(key, version)] = changed.as_slice() {
             if let Some(suspects) = self.suspects.get_mut(name) {
                 suspects.retain(|c| c != &changed[0]);
@@ -179,8 +182,9 @@ impl PartJudgement {
     /// The proxy accepted `sent` while holding `held`: what it changed is not at fault.
     pub(super) fn accepted(&mut self, held: Option<&Held>, sent: &Resource) {
         let name = &sent.name;
-        if let (Some(suspects), Some(held)) = (self.suspects.get_mut(name), held_parts(held)) {
-            let changed = changes(held, &sent.parts);
+        if let (Some(suspects), Some(held)) = (self.suspects.get_mut(name), held_parts(held, sent))
+        {
+            let changed = changes(&held, &sent.parts);
             suspects.retain(|c| !changed.contains(c));
             if suspects.is_empty() {
                 self.suspects.remove(name);

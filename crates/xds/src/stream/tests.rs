@@ -812,3 +812,36 @@ fn a_refused_removal_keeps_the_virtual_service() {
         "what the proxy holds is the target with b kept"
     );
 }
+
+#[test]
+fn a_new_route_configuration_is_narrowed_down_on_top_of_its_fields() {
+    // The proxy starts up; its first route configuration has a bad virtual service.
+    let mut s = Stream::new(Mode::Delta, composed_gateway(&[("a", "a1"), ("b", "bad")]));
+    for (type_url, names) in [(CLUSTER, vec![]), (ENDPOINT, vec!["a"]), (LISTENER, vec![])] {
+        s.handle_delta(&delta_req(type_url, &names, ""));
+        let out = s.poll();
+        let r = delta(&out)[0].clone();
+        s.handle_delta(&delta_req(type_url, &[], &r.nonce));
+    }
+    s.handle_delta(&delta_req(ROUTE, &["gw"], ""));
+    let r = route_response(&mut s);
+    assert_eq!(vhosts_in(&r), owned(&[("a", "a1"), ("b", "bad")]));
+    let event = refuse(&mut s, &r.nonce);
+    assert!(
+        matches!(&event, Event::Nack { trying, .. } if trying == &["gw"]),
+        "{event:?}"
+    );
+    // a alone, on top of the fields: accepted.
+    let r = route_response(&mut s);
+    assert_eq!(vhosts_in(&r), owned(&[("a", "a1")]));
+    s.handle_delta(&delta_req(ROUTE, &[], &r.nonce));
+    // b alone: refused and blamed; then it settles with a served.
+    let r = route_response(&mut s);
+    assert_eq!(vhosts_in(&r), owned(&[("a", "a1"), ("b", "bad")]));
+    let event = refuse(&mut s, &r.nonce);
+    assert!(
+        matches!(&event, Event::Nack { parts, .. } if parts == &[("gw".to_string(), "VirtualService/b".to_string())]),
+        "{event:?}"
+    );
+    assert!(s.poll().is_empty(), "it settles");
+}
