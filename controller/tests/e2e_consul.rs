@@ -191,6 +191,41 @@ fn consul_down_for_a_while_changes_nothing_and_recovery_resends_nothing() {
     wait_served_by(s.port, "/", &[], "v2");
 }
 
+/// A Consul that takes requests and answers none (no error, the connection open): within a
+/// few seconds the source is degraded, whatever the blocking read was doing; when Consul
+/// answers again, the source recovers and follows changes made meanwhile.
+#[test]
+fn a_hung_consul_is_degraded_within_seconds_and_its_recovery_seen() {
+    let s = setup();
+    let c = Controller::consul(&s.consul.url(), &[]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    wait_served_by(s.port, "/", &[], "v1");
+    let metrics = || http_get(&c.admin("/metrics"), &[]).unwrap().body;
+    assert!(metrics().contains("vmesh_config_source_up 1"));
+
+    s.consul.set_hung(true);
+    eventually(DEADLINE, "readiness to say degraded", || {
+        let r = http_get(&c.admin("/readyz"), &[])?;
+        r.body.contains("degraded").then_some(()).ok_or(r.body)
+    });
+    assert!(metrics().contains("vmesh_config_source_up 0"));
+    assert!(c.log().contains("Consul does not answer"), "{}", c.log());
+    // A change made while it hangs is applied once it answers.
+    s.consul
+        .kv_put("vmesh/config/VirtualService/web", vs_to("v2").as_bytes());
+    for _ in 0..10 {
+        assert_eq!(served_by(&get(s.port, "/", &[]).unwrap()), "v1");
+    }
+
+    s.consul.set_hung(false);
+    wait_served_by(s.port, "/", &[], "v2");
+    eventually(DEADLINE, "the source to recover", || {
+        let r = http_get(&c.admin("/readyz"), &[])?;
+        (!r.body.contains("degraded")).then_some(()).ok_or(r.body)
+    });
+    assert!(metrics().contains("vmesh_config_source_up 1"));
+}
+
 /// The id a controller holding the leader lock wrote into it.
 fn leader_id(consul: &ConsulEmulator) -> Option<String> {
     consul

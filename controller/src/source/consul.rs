@@ -5,8 +5,9 @@
 //! back, only what really changed is applied.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 use vmesh_consul::{Client, KvEntry, KvWatcher, WatchConfig, WatchEvent};
 use vmesh_layout::Layout;
@@ -21,48 +22,126 @@ pub struct ConsulSource {
     pub health: Arc<SourceHealth>,
 }
 
+/// How often the source checks that Consul answers at all, and how long it waits for the
+/// answer: a Consul that takes requests and answers none (a blocking read cannot tell it from a
+/// quiet one for minutes) makes the source degraded within the sum of the two.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl ConsulSource {
     /// Runs until `out` is closed.
     pub async fn run(self, out: mpsc::Sender<SourceEvent>) -> anyhow::Result<()> {
-        let mut watcher = KvWatcher::prefix(self.client, self.layout.config_prefix(), self.watch);
-        loop {
-            let changed = tokio::select! {
-                r = watcher.changed() => r,
-                _ = out.closed() => return Ok(()),
-            };
-            match changed {
-                Ok(changes) => {
-                    self.health.ok();
-                    if changes.recovered {
-                        info!(changed = changes.events.len(), "Consul is reachable again");
-                    }
-                    // Parsing is CPU work (bounded per document): off the async workers, and
-                    // off the index's path.
-                    let layout = self.layout.clone();
-                    let changes = tokio::task::spawn_blocking(move || {
-                        changes
-                            .events
-                            .into_iter()
-                            .filter_map(|e| to_change(&layout, e))
-                            .collect()
-                    })
-                    .await?;
-                    if out.send(SourceEvent { changes }).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Err(e) => {
-                    warn!(
-                        error = %e,
-                        failures = watcher.failures(),
-                        retry_in_ms = watcher.retry_in().as_millis() as u64,
-                        "cannot read config from Consul; serving the last config read"
-                    );
-                    self.health.failed(e.to_string());
+        let mut watcher =
+            KvWatcher::prefix(self.client.clone(), self.layout.config_prefix(), self.watch);
+        // The watch runs on its own, so that a probe can drop a read Consul hung on.
+        let restart = Notify::new();
+        let (reads_tx, mut reads) = mpsc::channel(1);
+        let watching = async {
+            loop {
+                let read = tokio::select! {
+                    r = watcher.changed() => (r, watcher.failures(), watcher.retry_in()),
+                    () = restart.notified() => continue,
+                };
+                if reads_tx.send(read).await.is_err() {
+                    return;
                 }
             }
+        };
+        let handling = async {
+            let mut probe = Box::pin(probe_after(self.client.clone(), PROBE_EVERY));
+            // Whether Consul failed to answer the last probe, and the last watch read failed.
+            let (mut unanswered, mut read_failed) = (false, false);
+            // Until a first read, there is no "last config" to serve.
+            let mut read_once = false;
+            let serving = |read_once: bool| {
+                if read_once {
+                    "serving the last config read"
+                } else {
+                    "serving no config until Consul can be read"
+                }
+            };
+            loop {
+                tokio::select! {
+                    Some((read, failures, retry_in)) = reads.recv() => {
+                        unanswered = false;
+                        match read {
+                            Ok(changes) => {
+                                read_failed = false;
+                                read_once = true;
+                                self.health.ok();
+                                if changes.recovered {
+                                    info!(changed = changes.events.len(), "Consul is reachable again");
+                                }
+                                // Parsing is CPU work (bounded per document): off the async
+                                // workers, and off the index's path.
+                                let layout = self.layout.clone();
+                                let changes = tokio::task::spawn_blocking(move || {
+                                    changes
+                                        .events
+                                        .into_iter()
+                                        .filter_map(|e| to_change(&layout, e))
+                                        .collect()
+                                })
+                                .await?;
+                                if out.send(SourceEvent { changes }).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Err(e) => {
+                                read_failed = true;
+                                warn!(
+                                    error = %e,
+                                    failures,
+                                    retry_in_ms = retry_in.as_millis() as u64,
+                                    "cannot read config from Consul; {}",
+                                    serving(read_once)
+                                );
+                                self.health.failed(e.to_string());
+                            }
+                        }
+                    }
+                    answered = &mut probe => {
+                        probe = Box::pin(probe_after(self.client.clone(), PROBE_EVERY));
+                        match answered {
+                            Err(e) => {
+                                if !unanswered {
+                                    warn!(
+                                        error = %e,
+                                        "Consul does not answer; the config source is degraded, {}",
+                                        serving(read_once)
+                                    );
+                                }
+                                unanswered = true;
+                                self.health.failed(e.to_string());
+                                // A read Consul took and never answers would hold the watch
+                                // until its own timeout: start a new one.
+                                restart.notify_one();
+                            }
+                            Ok(()) if unanswered => {
+                                unanswered = false;
+                                if !read_failed {
+                                    info!("Consul answers again");
+                                    self.health.ok();
+                                }
+                            }
+                            Ok(()) => {}
+                        }
+                    }
+                    () = out.closed() => return Ok(()),
+                }
+            }
+        };
+        tokio::select! {
+            () = watching => Ok(()),
+            r = handling => r,
         }
     }
+}
+
+/// Waits `delay`, then asks whether Consul answers at all.
+async fn probe_after(client: Client, delay: Duration) -> Result<(), vmesh_consul::ConsulError> {
+    tokio::time::sleep(delay).await;
+    client.ping(PROBE_TIMEOUT).await
 }
 
 /// A KV change as a config change. Folder keys (ending in `/`) are not config.

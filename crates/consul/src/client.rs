@@ -197,6 +197,20 @@ impl Client {
         })
     }
 
+    /// Whether Consul answers at all, within `timeout`: `GET /v1/status/leader`, which needs no
+    /// token and is cheap. A blocking read may legitimately wait for minutes; this tells a quiet
+    /// Consul from a hung one.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), ConsulError> {
+        let answer = self
+            .call(Method::GET, "/v1/status/leader", &[], None, timeout)
+            .await?;
+        if answer.status == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(ConsulError::status(answer.status, &answer.body))
+        }
+    }
+
     /// One key, if it exists.
     pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, ConsulError> {
         let Answer { status, body, .. } = self

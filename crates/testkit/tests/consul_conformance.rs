@@ -1644,3 +1644,20 @@ fn emulator_node_address_is_where_it_listens_and_what_it_reports() {
     let v = json_of(&t.get("health/node/other-node"));
     assert_eq!(v, json!([]));
 }
+
+/// What the controller asks to tell a hung Consul from a quiet one: the leader's Raft address,
+/// as a JSON string.
+#[test]
+fn status_leader_names_the_leader() {
+    let t = Target::new("leader");
+    let r = t.get("status/leader");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let leader = json_of(&r);
+    let leader = leader.as_str().expect("a JSON string");
+    assert!(
+        leader
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+        "{leader}"
+    );
+}

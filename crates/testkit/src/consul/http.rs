@@ -125,6 +125,12 @@ impl IntoResponse for Reply {
 
 pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     sh.requests.fetch_add(1, Ordering::Relaxed);
+    let mut hung = sh.hung.subscribe();
+    while *hung.borrow_and_update() {
+        if hung.changed().await.is_err() {
+            break;
+        }
+    }
     if sh.failing.load(Ordering::Relaxed) {
         return Reply::error(StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader")
             .into_response();
@@ -172,6 +178,11 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
             m => method_not_allowed(&m),
         }
         .into_response();
+    }
+    if path == "/v1/status/leader" {
+        // The Raft address of the leader: the one server this emulator is.
+        return Reply::json(Value::String(format!("{}:8300", sh.opts.node_address)))
+            .into_response();
     }
     if let Some(rest) = path.strip_prefix("/v1/session/") {
         let (op, id) = rest.split_once('/').unwrap_or((rest, ""));

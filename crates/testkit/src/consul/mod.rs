@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     /// Wakes the reaper when sessions, TTL checks or their timers change.
     timers_changed: Notify,
     failing: AtomicBool,
+    /// While `true`, requests are taken and never answered (a hung server).
+    hung: watch::Sender<bool>,
     requests: AtomicU64,
     /// KV reads that are not blocking queries (a watch's reads are not counted), by the key or
     /// prefix asked for.
@@ -162,6 +164,7 @@ impl ConsulEmulator {
             changed,
             timers_changed: Notify::new(),
             failing: AtomicBool::new(false),
+            hung: watch::channel(false).0,
             requests: AtomicU64::new(0),
             kv_reads: Mutex::new(BTreeMap::new()),
         });
@@ -278,6 +281,13 @@ impl ConsulEmulator {
     /// While `true`, every request gets 500 `No cluster leader` (no leader elected).
     pub fn set_failing(&self, failing: bool) {
         self.shared.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// While `true`, the server accepts connections and requests and answers none of them
+    /// (a Consul stuck on its disk or in a leader election): every request waits until it is
+    /// `false` again, or until the client gives up.
+    pub fn set_hung(&self, hung: bool) {
+        self.shared.hung.send_replace(hung);
     }
 
     /// Simulates a snapshot restore that takes the raft index back to `n`: the data stays, every
@@ -478,6 +488,7 @@ pub async fn serve_standalone(
         changed,
         timers_changed: Notify::new(),
         failing: AtomicBool::new(false),
+        hung: watch::channel(false).0,
         requests: AtomicU64::new(0),
         kv_reads: Mutex::new(BTreeMap::new()),
     });
