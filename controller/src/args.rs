@@ -14,7 +14,7 @@ use clap::Parser;
 )]
 pub struct Args {
     /// Directory of YAML/JSON config documents, watched for changes: the embedded default
-    /// source, used unless Consul is chosen. Defaults to `examples/demo`.
+    /// source, used unless Consul is chosen. Defaults to `/etc/vmesh/config`.
     #[arg(long, env = "VMESH_CONFIG_DIR", conflicts_with = "consul")]
     pub config_dir: Option<PathBuf>,
 
@@ -177,6 +177,10 @@ fn default_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Where an installed controller reads its config when told nothing (not a directory of this
+/// repository, which an installed binary has no reason to find).
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/vmesh/config";
+
 /// Where the controller reads its config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceChoice {
@@ -192,7 +196,7 @@ impl Args {
         ) {
             (Some(dir), _) => SourceChoice::Dir(dir.clone()),
             (None, true) => SourceChoice::Consul,
-            (None, false) => SourceChoice::Dir(PathBuf::from("examples/demo")),
+            (None, false) => SourceChoice::Dir(PathBuf::from(DEFAULT_CONFIG_DIR)),
         }
     }
 
@@ -214,7 +218,7 @@ mod tests {
     fn the_source_is_chosen_by_flags() {
         assert_eq!(
             parse(&[]).source(),
-            SourceChoice::Dir("examples/demo".into())
+            SourceChoice::Dir("/etc/vmesh/config".into())
         );
         assert_eq!(
             parse(&["--config-dir", "x"]).source(),

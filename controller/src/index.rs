@@ -244,6 +244,17 @@ impl Index {
         } else {
             debug!("no proxy changed");
         }
+        {
+            let before = self.published.borrow();
+            let before = before
+                .as_deref()
+                .map(|p| (&p.translation.reports, &p.source_errors));
+            crate::object_log::log(&crate::object_log::lines(
+                before,
+                &translation.reports,
+                &source_errors,
+            ));
+        }
         self.published.send_replace(Some(Arc::new(Published {
             generation,
             translation,

@@ -11,6 +11,7 @@ mod index;
 mod leader;
 mod listener;
 mod metrics;
+mod object_log;
 mod refusals;
 mod relay;
 mod source;

@@ -107,6 +107,32 @@ fn a_partial_write_is_rejected_alone_and_the_finished_write_applies() {
             .ok_or(format!("{o}"))
     });
     assert_eq!(served_by(&get(s.port, "/", &[]).unwrap()), "v1");
+    // The log says it once, with the field at fault, and not again on a rescan that changes
+    // nothing for it.
+    let said = |c: &Controller| {
+        c.log()
+            .lines()
+            .filter(|l| l.contains("object rejected") && l.contains("VirtualService/web"))
+            .count()
+    };
+    assert_eq!(said(&c), 1, "{}", c.log());
+    c.write("v3.yaml", &upstream_doc("v3", s.v1.port()));
+    eventually(DEADLINE, "the new upstream to be judged", || {
+        c.object("Upstream", "v3")
+            .map(|_| ())
+            .ok_or("not yet".to_string())
+    });
+    assert_eq!(said(&c), 1, "{}", c.log());
+    c.remove("v3.yaml");
+    eventually(DEADLINE, "the new upstream to be removed", || {
+        c.object("Upstream", "v3")
+            .map_or(Ok(()), |o| Err(o.to_string()))
+    });
+    assert!(
+        c.log().contains("object removed object=Upstream/v3"),
+        "{}",
+        c.log()
+    );
     let gw = c.object("Gateway", "edge").unwrap();
     assert_eq!(
         gw["state"], "Accepted",
@@ -119,6 +145,19 @@ fn a_partial_write_is_rejected_alone_and_the_finished_write_applies() {
         c.object("VirtualService", "web").unwrap()["state"],
         "Accepted"
     );
+
+    // An editor that truncates before it writes, caught in between: the file is empty, which
+    // removes nothing (the same rule and words as an empty Consul value).
+    std::fs::write(c.dir.join("web.yaml"), "").unwrap();
+    let web = eventually(DEADLINE, "the emptied file to be rejected", || {
+        let o = c.object("VirtualService", "web").ok_or("no status")?;
+        (o["state"] == "Rejected")
+            .then(|| o.clone())
+            .ok_or(format!("{o}"))
+    });
+    assert!(web.to_string().contains("the document is empty"), "{web}");
+    assert_eq!(served_by(&get(s.port, "/", &[]).unwrap()), "v2");
+    std::fs::write(c.dir.join("web.yaml"), &full).unwrap();
 
     // Editor droppings are not config.
     std::fs::write(c.dir.join(".web.yaml.swp"), "\0\0binary").unwrap();
@@ -237,4 +276,43 @@ fn an_idle_controller_uses_no_cpu() {
     // A clock tick is 10 ms; a watch that wakes itself up (its own reads of the files are
     // inotify events too) would burn tens of ticks here.
     assert!(used <= 3, "an idle controller used {used} ticks in 2 s");
+}
+
+/// Started with no source flag, the controller reads `/etc/vmesh/config` (not a directory of
+/// this repository), and says honestly that it serves nothing while the directory is missing;
+/// a directory created later is read at once.
+#[test]
+fn a_missing_directory_at_start_serves_nothing_until_it_appears() {
+    let c = Controller::launch(options());
+    eventually(
+        DEADLINE,
+        "the controller to name its default directory",
+        || {
+            let log = c.log();
+            (log.contains("/etc/vmesh/config") && log.contains("serving no config until it does"))
+                .then_some(())
+                .ok_or(log)
+        },
+    );
+    assert!(
+        !c.log().contains("serving the last config read"),
+        "{}",
+        c.log()
+    );
+
+    let s = setup();
+    let later = c.base().join("later");
+    let c = Controller::launch(options().args(["--config-dir", &later.display().to_string()]));
+    eventually(DEADLINE, "the missing directory to be reported", || {
+        let log = c.log();
+        log.contains("config directory does not exist; serving no config until it does")
+            .then_some(())
+            .ok_or(log)
+    });
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    std::fs::create_dir_all(&later).unwrap();
+    for (name, text) in files(&s) {
+        std::fs::write(later.join(name), text).unwrap();
+    }
+    wait_served_by(s.port, "/", &[], "v1");
 }

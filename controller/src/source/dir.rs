@@ -80,6 +80,8 @@ impl DirSource {
         let mut known: BTreeMap<String, Content> = BTreeMap::new();
         let mut missing_reported = false;
         let mut first = true;
+        // Whether any config was ever read: until then there is no "last config" to serve.
+        let mut read_once = false;
         let mut rereads = 0;
         loop {
             if !watching && self.dir.is_dir() {
@@ -105,12 +107,17 @@ impl DirSource {
                 Err(e) => {
                     // Never read as "no files": that would remove every object.
                     if self.health.degraded().is_none() {
-                        warn!(dir = %self.dir.display(), error = %e, "cannot read the config directory; serving the last config read");
+                        if read_once {
+                            warn!(dir = %self.dir.display(), error = %e, "cannot read the config directory; serving the last config read");
+                        } else {
+                            warn!(dir = %self.dir.display(), error = %e, "cannot read the config directory; serving no config until it can be read");
+                        }
                     }
                     self.health
                         .failed(format!("cannot read {}: {e}", self.dir.display()));
                 }
                 Ok(Some(files)) => {
+                    read_once = true;
                     if self.health.degraded().is_some() {
                         info!(dir = %self.dir.display(), "the config directory can be read again");
                     }
@@ -139,7 +146,11 @@ impl DirSource {
                         watching = false;
                     }
                     if !missing_reported {
-                        warn!(dir = %self.dir.display(), "config directory is missing; serving the last config read");
+                        if read_once {
+                            warn!(dir = %self.dir.display(), "config directory is missing; serving the last config read");
+                        } else {
+                            warn!(dir = %self.dir.display(), "config directory does not exist; serving no config until it does (or start the controller with --config-dir DIR or --consul)");
+                        }
                         missing_reported = true;
                     }
                     if first {

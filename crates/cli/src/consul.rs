@@ -82,6 +82,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     pub const NOT_FOUND: u8 = 3;
     pub const CONFLICT: u8 = 4;
+    /// `status`: an object shown is `Rejected`, or a source shown has problems.
+    pub const REJECTED: u8 = 5;
 }
 
 /// The exit code an error ends vmeshctl with.

@@ -154,12 +154,38 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(exit::NOT_FOUND));
     }
+    // Problems of sources that are not objects are shown unfiltered only: a filter shows the
+    // problems of the Consul keys of the objects it selects.
+    let filtered = args.kind.is_some() || args.name.is_some();
+    let layout = args.consul_args.layout();
+    let (shown_errors, hidden): (SourceErrors, SourceErrors) =
+        source_errors.into_iter().partition(|(source, _)| {
+            !filtered
+                || layout.parse_config_key(source).is_some_and(|key| {
+                    args.kind.is_none_or(|k| key.kind == k)
+                        && args.name.as_deref().is_none_or(|n| key.name == n)
+                })
+        });
     match args.output {
         Output::Json => {
             let json: Vec<Value> = selected.iter().map(|r| r.to_json()).collect();
             println!("{}", serde_json::to_string_pretty(&json)?)
         }
-        Output::Table => print!("{}", table(&selected, &source_errors)),
+        Output::Table => {
+            print!("{}", table(&selected, &shown_errors));
+            if !hidden.is_empty() {
+                let n: usize = hidden.values().map(Vec::len).sum();
+                println!(
+                    "({n} problem(s) of sources that define no object not shown; run `vmeshctl status` without KIND and NAME)"
+                );
+            }
+        }
+    }
+    let rejected = selected
+        .iter()
+        .any(|r| matches!(&r.shown, Shown::Judged(s) if s.state == vmesh_model::State::Rejected));
+    if rejected || !shown_errors.is_empty() {
+        return Ok(ExitCode::from(exit::REJECTED));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -305,7 +331,8 @@ pub fn table(rows: &[&Row], source_errors: &SourceErrors) -> String {
     }
     for (source, problems) in source_errors {
         for p in problems {
-            out.push_str(&format!("source {source}: {}\n", p.message));
+            // With its field path (`documents[1].name`), as /status has it.
+            out.push_str(&format!("source {source}: {p}\n"));
         }
     }
     out
@@ -340,5 +367,25 @@ mod tests {
         );
         assert!(t.contains("serving the last accepted version"), "{t}");
         assert_eq!(row.to_json()["servingLastGood"], true);
+    }
+
+    #[test]
+    fn problems_of_sources_keep_their_field_path() {
+        let errors = SourceErrors::from([(
+            "config/all.yaml".to_string(),
+            vec![
+                Problem::new("documents[1].name", "missing field `name`"),
+                Problem::new("", "the file is empty"),
+            ],
+        )]);
+        let t = table(&[], &errors);
+        assert!(
+            t.contains("source config/all.yaml: documents[1].name: missing field `name`\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("source config/all.yaml: the file is empty\n"),
+            "{t}"
+        );
     }
 }

@@ -432,8 +432,9 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
     );
     consul.kv_put("vmesh/config/Nope/x", "kind: Nope\n");
 
+    // Something is Rejected: exit 5, for scripts.
     let out = ctl(&consul, &["status"]);
-    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(out.code, 5, "{out}");
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert!(lines[0].starts_with("KIND"), "{out}");
     assert!(
@@ -466,7 +467,7 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
         SHOP.replace("shop.example.com", "x.example.com"),
     );
     let out = ctl(&consul, &["status", "vs", "shop"]);
-    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(out.code, 5, "{out}");
     assert!(
         out.stdout
             .contains("the controller has not judged the latest change yet"),
@@ -474,6 +475,13 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
     );
     assert!(
         !out.stdout.lines().any(|l| l.starts_with("Upstream")),
+        "{out}"
+    );
+    // A filter shows the problems of the keys it selects only, and says what it left out.
+    assert!(!out.stdout.contains("source vmesh/config/Nope/x"), "{out}");
+    assert!(
+        out.stdout
+            .contains("(1 problem(s) of sources that define no object not shown"),
         "{out}"
     );
 
@@ -494,7 +502,7 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
         &[("CONSUL_HTTP_ADDR", &consul.url())],
         None,
     );
-    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(out.code, 5, "{out}");
     assert!(out.stdout.contains("Pending"), "{out}");
 }
 

@@ -181,7 +181,11 @@ pub enum Parsed {
 /// directory file). Empty documents are skipped. `Err` is a syntax error that
 /// makes the whole text unusable; its message has the line and column.
 pub fn parse_multi(text: &str) -> Result<Vec<Parsed>, Problem> {
-    Ok(read_values(text)?.into_iter().map(parse_value).collect())
+    let values = read_values(text)?;
+    if values.is_empty() {
+        return Err(Problem::new("", crate::limits::EMPTY_TEXT));
+    }
+    Ok(values.into_iter().map(parse_value).collect())
 }
 
 /// Parses a text holding exactly one document (a Consul KV value).
@@ -189,7 +193,7 @@ pub fn parse_single(text: &str) -> Result<Parsed, Problem> {
     let mut values = read_values(text)?;
     match values.len() {
         1 => Ok(parse_value(values.remove(0))),
-        0 => Err(Problem::new("", "the document is empty")),
+        0 => Err(Problem::new("", crate::limits::EMPTY_TEXT)),
         n => Err(Problem::new(
             "",
             format!("expected exactly one document, found {n}"),

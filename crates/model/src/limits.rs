@@ -30,6 +30,12 @@ pub fn too_large(bytes: usize) -> String {
     )
 }
 
+/// The problem of a text with no document in it (empty, or only comments and `---`), in the
+/// same words for every source. A file emptied by mistake (or by an editor that truncates
+/// before it writes) keeps its objects at their last accepted version, as a Consul value does.
+pub const EMPTY_TEXT: &str =
+    "the document is empty: no YAML or JSON document in it (remove the file or key to remove its objects)";
+
 /// The problem of bytes that are not UTF-8 text, in the same words for every source.
 pub const NOT_TEXT: &str = "the document is not UTF-8 text (YAML or JSON expected)";
 

@@ -98,15 +98,27 @@ fn yaml_syntax_errors_have_a_position() {
 fn multi_document_files_skip_empty_documents() {
     let text = "---\n# nothing here\n---\nkind: Gateway\nname: a\nspec: {bindPort: 1}\n---\n---\nkind: Gateway\nname: b\nspec: {bindPort: 2}\n";
     assert_eq!(parse_multi(text).unwrap().len(), 2);
-    assert_eq!(parse_multi("").unwrap().len(), 0);
+}
+
+/// A file and a Consul value with no document say so in the same words.
+#[test]
+fn a_text_without_any_document_is_empty_for_every_source() {
+    for empty in ["", "\n\n", "# only a comment\n", "---\n---\n"] {
+        assert_eq!(
+            parse_multi(empty).unwrap_err().message,
+            vmesh_model::limits::EMPTY_TEXT,
+            "{empty:?}"
+        );
+        assert_eq!(
+            parse_single(empty).unwrap_err().message,
+            vmesh_model::limits::EMPTY_TEXT,
+            "{empty:?}"
+        );
+    }
 }
 
 #[test]
 fn a_single_document_source_needs_exactly_one_document() {
-    assert_eq!(
-        parse_single("").unwrap_err().to_string(),
-        "the document is empty"
-    );
     let two = "kind: Gateway\nname: a\nspec: {bindPort: 1}\n---\nkind: Gateway\nname: b\nspec: {bindPort: 2}\n";
     assert_eq!(
         parse_single(two).unwrap_err().to_string(),
