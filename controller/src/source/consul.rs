@@ -63,9 +63,9 @@ impl ConsulSource {
             loop {
                 tokio::select! {
                     Some((read, failures, retry_in)) = reads.recv() => {
-                        unanswered = false;
                         match read {
                             Ok(changes) => {
+                                unanswered = false;
                                 read_failed = false;
                                 read_once = true;
                                 self.health.ok();

@@ -128,16 +128,16 @@ impl Controller {
     /// a real refusal from Envoy.
     pub fn envoy_with_default_re2_limit(&self, proxy: &str, protocol: Protocol) -> Envoy {
         self.envoy_with(proxy, protocol, |bootstrap| {
-            // The runtime layer, whose last line is the RE2 key.
-            let cut = bootstrap
-                .find("layered_runtime:")
-                .expect("the bootstrap sets the RE2 limit");
-            let key = cut
-                + bootstrap[cut..]
-                    .find("re2.max_program_size")
-                    .expect("the RE2 key");
-            let end = key + bootstrap[key..].find('\n').expect("a line end") + 1;
-            format!("{}{}", &bootstrap[..cut], &bootstrap[end..])
+            let ours = format!(
+                "re2.max_program_size.error_level: {}",
+                vmesh_model::regex::ENVOY_PROGRAM_SIZE_LIMIT
+            );
+            assert!(
+                bootstrap.contains(&ours),
+                "the bootstrap sets the RE2 limit"
+            );
+            // Envoy's default.
+            bootstrap.replace(&ours, "re2.max_program_size.error_level: 100")
         })
     }
 

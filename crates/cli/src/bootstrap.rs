@@ -113,6 +113,9 @@ layered_runtime:
     - name: vmesh
       static_layer:
         re2.max_program_size.error_level: {re2_limit}
+    # Envoy's default runtime has this layer; keep /runtime_modify working.
+    - name: admin
+      admin_layer: {{}}
 {overload}dynamic_resources:
   ads_config:
     api_type: {api_type}

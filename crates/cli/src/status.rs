@@ -176,7 +176,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             if !hidden.is_empty() {
                 let n: usize = hidden.values().map(Vec::len).sum();
                 println!(
-                    "({n} problem(s) of sources that define no object not shown; run `vmeshctl status` without KIND and NAME)"
+                    "({n} problem(s) of other sources not shown; run `vmeshctl status` without KIND and NAME)"
                 );
             }
         }
@@ -184,7 +184,9 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let rejected = selected
         .iter()
         .any(|r| matches!(&r.shown, Shown::Judged(s) if s.state == vmesh_model::State::Rejected));
-    if rejected || !shown_errors.is_empty() {
+    // JSON shows objects only: only they count there.
+    let sources_shown = args.output == Output::Table && !shown_errors.is_empty();
+    if rejected || sources_shown {
         return Ok(ExitCode::from(exit::REJECTED));
     }
     Ok(ExitCode::SUCCESS)

@@ -481,7 +481,7 @@ fn status_reads_consul_and_shows_objects_without_status_as_pending() {
     assert!(!out.stdout.contains("source vmesh/config/Nope/x"), "{out}");
     assert!(
         out.stdout
-            .contains("(1 problem(s) of sources that define no object not shown"),
+            .contains("(1 problem(s) of other sources not shown"),
         "{out}"
     );
 

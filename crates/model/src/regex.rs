@@ -4,7 +4,7 @@
 //! separate UTF-8 bytes: `.` does not match `é`, `[é]` is a class of two bytes, `\xE9` is one
 //! byte and `\x{100}` an error), refuses some of the syntax the `regex` crate accepts (`(?x)`, `\p{Letter}`, `[a--b]`,
 //! `a**`, `\e`, a repetition over 1000) and reads other forms differently (`\<`, `[[a-z]&&b]`,
-//! `a{,5}`). Each of these was checked on the pinned Envoy (docs/configuration.md, "Regexes").
+//! `a{1, 5}`). Each of these was checked on the pinned Envoy (docs/configuration.md, "Regexes").
 //! It also refuses a regex whose RE2 program is over `re2.max_program_size.error_level`
 //! instructions, which `vmeshctl bootstrap` sets to [`ENVOY_PROGRAM_SIZE_LIMIT`].
 //!
@@ -42,13 +42,17 @@ pub(crate) fn check_regex_for_envoy(path: &str, regex: &str, problems: &mut Vec<
         ));
         return;
     }
+    // The regex crate's own nesting limit: whatever it compiled, this reads too.
     let parsed = ast::parse::ParserBuilder::new()
-        .nest_limit(100)
+        .nest_limit(250)
         .build()
         .parse(regex);
-    let Ok(tree) = parsed else {
-        // The regex crate's own check reports the syntax error.
-        return;
+    let tree = match parsed {
+        Ok(tree) => tree,
+        Err(e) => {
+            problems.push(Problem::new(path, format!("invalid regex: {}", e.kind())));
+            return;
+        }
     };
     let mut walk = Walk {
         text: regex,
@@ -130,8 +134,11 @@ impl Walk<'_> {
                     );
                 }
                 let op_text = &self.text[r.op.span.start.offset..r.op.span.end.offset];
-                if op_text.starts_with("{,") {
-                    self.refuse(&r.op.span, "Envoy reads {,n} as literal text; write {0,n}");
+                if op_text.contains(char::is_whitespace) {
+                    self.refuse(
+                        &r.op.span,
+                        "Envoy reads a repetition with spaces in it as literal text; write {1,5}",
+                    );
                 }
                 let count = match &r.op.kind {
                     RepetitionKind::Range(RepetitionRange::Exactly(n))
@@ -167,6 +174,18 @@ impl Walk<'_> {
                     GroupKind::NonCapturing(flags) => {
                         self.flags(flags);
                         0
+                    }
+                    GroupKind::CaptureName { name, .. }
+                        if !name
+                            .name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+                    {
+                        self.refuse(
+                            &name.span,
+                            "Envoy allows only letters, digits and '_' in a group name",
+                        );
+                        2
                     }
                     GroupKind::CaptureIndex(_) | GroupKind::CaptureName { .. } => 2,
                 };
@@ -370,6 +389,10 @@ mod tests {
             ("(a{1,10}){1,101}", "up to 1000"),
             ("(a{2}){501}", "up to 1000"),
             ("\\<word", "literal text"),
+            ("a{1, 5}", "spaces in it"),
+            ("a{ 3 }", "spaces in it"),
+            ("(?P<a.b>x)", "only letters, digits and '_' in a group name"),
+            ("(?<v[1]>x)", "group name"),
             ("\\b{start}x", "literal text"),
             ("\\u0041", "does not know this escape"),
             (

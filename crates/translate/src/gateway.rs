@@ -193,7 +193,7 @@ fn translate_gateway<'c>(
         let vs_key = ObjectKey::virtual_service(vs_name);
         let mut domains = Vec::new();
         for (i, domain) in vs_spec.domains.iter().enumerate() {
-            // Requests are matched on the host alone: the connection manager strips the port.
+            // Requests are matched on the host alone: the route configuration ignores the port.
             let host = domain_host(domain);
             if host != domain {
                 reports.warn(

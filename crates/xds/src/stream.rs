@@ -254,10 +254,23 @@ impl Stream {
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
             // A proxy reconnecting: if it already holds exactly what we would send, it is in sync.
             let desired = self.desired(&req.type_url);
+            let ts = self.types.get_mut(&req.type_url).expect("inserted above");
             if sotw_version(&desired) == req.version_info {
-                let ts = self.types.get_mut(&req.type_url).expect("inserted above");
                 ts.acked = desired;
                 ts.answered = true;
+            } else {
+                // It holds something, of content unknown here (a composition another stream
+                // made): nothing may be built on it as if it held nothing.
+                for name in desired.keys() {
+                    ts.acked.insert(
+                        name.clone(),
+                        Held {
+                            version: String::new(),
+                            refs: Vec::new(),
+                            body: None,
+                        },
+                    );
+                }
             }
         }
         events
@@ -530,9 +543,10 @@ fn settle(ts: &mut TypeState, type_url: &str, nonce: &str, error: Option<String>
         }
         Some(message) => {
             let (mut parts, mut trying) = (Vec::new(), Vec::new());
+            let alone = in_flight.changed.len() == 1;
             for (name, version) in &in_flight.changed {
                 let verdict = match sent(name) {
-                    Some(sent) => ts.parts.refused(ts.acked.get(name), &sent),
+                    Some(sent) => ts.parts.refused(ts.acked.get(name), &sent, alone),
                     None => Verdict::Whole,
                 };
                 match verdict {

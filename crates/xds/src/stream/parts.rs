@@ -64,17 +64,18 @@ fn version_in<'p>(parts: &'p [Part], key: &str) -> &'p str {
     find(parts, key).map_or("", |p| p.version.as_str())
 }
 
-/// What `sent` changes on top of `held`, in `sent`'s order, removals last.
+/// What `sent` changes on top of `held`: removals first (a domain a removed part frees may be
+/// what another part's change needs), then the rest in `sent`'s order.
 fn changes(held: &[Part], sent: &[Part]) -> Vec<Change> {
-    let mut out: Vec<Change> = sent
+    let mut out: Vec<Change> = held
         .iter()
-        .filter(|p| version_in(held, &p.key) != p.version)
-        .map(|p| (p.key.clone(), p.version.clone()))
+        .filter(|p| find(sent, &p.key).is_none())
+        .map(|p| (p.key.clone(), String::new()))
         .collect();
     out.extend(
-        held.iter()
-            .filter(|p| find(sent, &p.key).is_none())
-            .map(|p| (p.key.clone(), String::new())),
+        sent.iter()
+            .filter(|p| version_in(held, &p.key) != p.version)
+            .map(|p| (p.key.clone(), p.version.clone())),
     );
     out
 }
@@ -102,7 +103,25 @@ impl PartJudgement {
                 version_in(&target.parts, key) == version && version_in(held, key) != version
             })
             .collect();
-        let parts: Vec<Part> = if let Some((probe, _)) = live.first() {
+        // One resource is tried at a time (the first by name), so that a refusal is always of
+        // one change; the others stay as the proxy holds them meanwhile.
+        let waiting = self
+            .suspects
+            .keys()
+            .next()
+            .is_some_and(|first| first != name);
+        let parts: Vec<Part> = if !live.is_empty() && waiting {
+            let mut parts = Vec::with_capacity(target.parts.len());
+            for p in &target.parts {
+                parts.extend(find(held, &p.key).cloned());
+            }
+            parts.extend(
+                held.iter()
+                    .filter(|p| find(&target.parts, &p.key).is_none())
+                    .cloned(),
+            );
+            parts
+        } else if let Some((probe, _)) = live.first() {
             // The first suspect alone, on top of what the proxy holds (in the target's order,
             // so that once every part is judged the result is what the rule below makes).
             let mut parts = Vec::with_capacity(target.parts.len());
@@ -151,8 +170,9 @@ impl PartJudgement {
         Some(Arc::new(target.with_parts(parts)))
     }
 
-    /// The proxy refused `sent` while holding `held`.
-    pub(super) fn refused(&mut self, held: Option<&Held>, sent: &Resource) -> Verdict {
+    /// The proxy refused `sent` while holding `held`; `alone`: nothing else changed in the
+    /// refused response (otherwise even one changed part may not be the one at fault).
+    pub(super) fn refused(&mut self, held: Option<&Held>, sent: &Resource, alone: bool) -> Verdict {
         if sent.parts.is_empty() {
             return Verdict::Whole;
         }
@@ -161,7 +181,7 @@ impl PartJudgement {
         };
         let name = &sent.name;
         let changed = changes(&held, &sent.parts);
-        if let [(key, version)] = changed.as_slice() {
+        if let ([(key, version)], true) = (changed.as_slice(), alone) {
             if let Some(suspects) = self.suspects.get_mut(name) {
                 suspects.retain(|c| c != &changed[0]);
                 if suspects.is_empty() {
@@ -179,17 +199,25 @@ impl PartJudgement {
         Verdict::Trying
     }
 
-    /// The proxy accepted `sent` while holding `held`: what it changed is not at fault.
+    /// The proxy accepted `sent` while holding `held`: what it changed is not at fault. And
+    /// since a part may have been refused for what another part held (two virtual services
+    /// with one domain), the parts at fault are tried once more after any other change.
     pub(super) fn accepted(&mut self, held: Option<&Held>, sent: &Resource) {
         let name = &sent.name;
-        if let (Some(suspects), Some(held)) = (self.suspects.get_mut(name), held_parts(held, sent))
-        {
-            let changed = changes(&held, &sent.parts);
+        let Some(held) = held_parts(held, sent) else {
+            return;
+        };
+        let changed = changes(&held, &sent.parts);
+        if changed.is_empty() {
+            return;
+        }
+        if let Some(suspects) = self.suspects.get_mut(name) {
             suspects.retain(|c| !changed.contains(c));
             if suspects.is_empty() {
                 self.suspects.remove(name);
             }
         }
+        self.bad.retain(|(n, _), _| n != name);
     }
 
     /// Forgets what no longer applies to `target` (the resources of this type the proxy
