@@ -8,17 +8,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use prometheus_client::registry::Registry;
-use prost::Message;
 use serde::Deserialize;
 use serde_json::json;
 use vmesh_layout::{ControllerStatus, ProxyState, SourceState};
 use vmesh_runtime::Readiness;
-use vmesh_xds::resource::{short_type, Resource, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use vmesh_xds::resource::{short_type, Resource};
 use vmesh_xds::server::Connections;
 
 use crate::index::PublishedRx;
@@ -235,17 +230,9 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
     .into_response()
 }
 
-/// A readable rendering of a resource body (protobuf text in Rust debug form).
-fn render(r: &Resource) -> String {
-    let bytes = &r.body.value[..];
-    let text = match r.type_url {
-        CLUSTER => Cluster::decode(bytes).map(|m| format!("{m:#?}")),
-        ENDPOINT => ClusterLoadAssignment::decode(bytes).map(|m| format!("{m:#?}")),
-        LISTENER => Listener::decode(bytes).map(|m| format!("{m:#?}")),
-        ROUTE => RouteConfiguration::decode(bytes).map(|m| format!("{m:#?}")),
-        _ => return format!("{} bytes", bytes.len()),
-    };
-    text.unwrap_or_else(|e| format!("undecodable: {e}"))
+/// A resource body in Envoy's JSON form, as Envoy's own `/config_dump` prints it.
+fn render(r: &Resource) -> serde_json::Value {
+    vmesh_envoy_json::to_json(r.type_url, &r.body.value).unwrap_or_else(|e| json!({ "error": e }))
 }
 
 /// The agents the relay knows: connected, or within their grace period.

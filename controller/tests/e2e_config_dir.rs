@@ -253,6 +253,23 @@ fn the_admin_endpoint_reports_health_metrics_status_and_config() {
         !resources.iter().any(|r| r["name"] == "v2"),
         "a proxy gets only the clusters its routes use"
     );
+    // Each body in Envoy's JSON form, as Envoy's own config dump prints it.
+    let body = |t: &str| {
+        resources
+            .iter()
+            .find(|r| r["type"] == t)
+            .map(|r| r["body"].clone())
+            .unwrap()
+    };
+    assert_eq!(body("cluster")["connect_timeout"], "5s", "{dump}");
+    let hcm = &body("listener")["filter_chains"][0]["filters"][0]["typed_config"];
+    assert_eq!(
+        hcm["@type"],
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "{dump}"
+    );
+    assert_eq!(hcm["rds"]["route_config_name"], "gw-edge-routes", "{dump}");
+    assert_eq!(body("route")["virtual_hosts"][0]["name"], "web", "{dump}");
 
     // --log-format json: every line is a JSON object.
     let log = c.log();
