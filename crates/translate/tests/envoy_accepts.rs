@@ -270,16 +270,7 @@ fn retries(timeout_ms: Option<u64>) -> impl Strategy<Value = Value> {
         1u32..=10,
         prop::option::of(duration(3600)),
         prop::option::of(prop::sample::subsequence(
-            vec![
-                "5xx",
-                "gateway-error",
-                "reset",
-                "connect-failure",
-                "envoy-ratelimited",
-                "retriable-4xx",
-                "retriable-status-codes",
-                "retriable-headers",
-            ],
+            vmesh_model::RETRY_ON_VALUES.to_vec(),
             1..4,
         )),
         prop::collection::btree_set(100u16..600, 1..4),
