@@ -1,0 +1,209 @@
+//! A Vault HTTP API emulator for tests, built to `../shared/vault.md` and Vault's API docs, since
+//! Vault cannot be installed where vmesh is built. What it has so far:
+//!
+//! - the response envelope (`request_id`, `lease_id`, `renewable`, `lease_duration`, `data`,
+//!   `wrap_info`, `warnings`, `auth`) and `{"errors": [...]}` with Vault's status codes;
+//! - `sys/health` (200 active, 503 sealed) and a sealed switch;
+//! - tokens: a root token, `auth/token/create` with policies, TTL and renewability,
+//!   `lookup-self`, `renew-self`, expiry;
+//! - ACL policies in Vault's HCL syntax through `sys/policies/acl/<name>`, enforced per path
+//!   ([`policy`]);
+//! - KV version 2 at `secret/`: versions, metadata, CAS, `?version=`, delete of the latest version,
+//!   LIST.
+//!
+//! Not yet: AppRole, PKI, namespaces, the standalone binary. The conformance tests in
+//! `tests/vault_conformance.rs` run against it, and against a real Vault with `VAULT_ADDR` and
+//! `VAULT_TOKEN` set (`vault server -dev` is enough).
+
+mod http;
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use policy::Policy;
+
+/// A token the emulator issued.
+#[derive(Clone, Debug)]
+pub(crate) struct Token {
+    pub accessor: String,
+    pub policies: Vec<String>,
+    /// `None`: never expires (the root token).
+    pub expires: Option<Instant>,
+    pub creation_ttl: Duration,
+    pub renewable: bool,
+    pub issued: SystemTime,
+}
+
+/// One version of a KV v2 secret.
+#[derive(Clone, Debug)]
+pub(crate) struct Version {
+    pub data: Option<serde_json::Map<String, serde_json::Value>>,
+    pub created: SystemTime,
+    pub deleted: Option<SystemTime>,
+}
+
+/// A KV v2 secret: its versions, from 1.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Secret {
+    pub versions: Vec<Version>,
+    pub created: Option<SystemTime>,
+    pub updated: Option<SystemTime>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub tokens: BTreeMap<String, Token>,
+    pub policies: BTreeMap<String, (String, Policy)>,
+    /// KV v2 at `secret/`, by path.
+    pub kv: BTreeMap<String, Secret>,
+}
+
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    pub sealed: AtomicBool,
+    pub requests: AtomicU64,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// An in-process Vault (one unsealed, active node) served from its own thread and runtime, so
+/// that synchronous tests can use it. Stops on drop.
+pub struct VaultEmulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    root_token: String,
+    running: Mutex<Option<Running>>,
+}
+
+impl VaultEmulator {
+    /// Starts on a free port of 127.0.0.1 with a random root token.
+    pub fn start() -> VaultEmulator {
+        Self::start_with_root_token(&format!("hvs.root-{}", crate::consul::new_uuid()))
+    }
+
+    /// Starts with this root token (like `vault server -dev -dev-root-token-id`).
+    pub fn start_with_root_token(root_token: &str) -> VaultEmulator {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("vault emulator: bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("vault emulator: local_addr: {e}"));
+        let mut state = State::default();
+        state.tokens.insert(
+            root_token.to_string(),
+            Token {
+                accessor: crate::consul::new_uuid(),
+                policies: vec!["root".into()],
+                expires: None,
+                creation_ttl: Duration::ZERO,
+                renewable: false,
+                issued: SystemTime::now(),
+            },
+        );
+        let default = Policy::parse(policy::DEFAULT_POLICY).unwrap_or_default();
+        state.policies.insert(
+            "default".into(),
+            (policy::DEFAULT_POLICY.trim().to_string(), default),
+        );
+        let emu = VaultEmulator {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                sealed: AtomicBool::new(false),
+                requests: AtomicU64::new(0),
+            }),
+            addr,
+            root_token: root_token.to_string(),
+            running: Mutex::new(None),
+        };
+        emu.serve(listener);
+        emu
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("vault emulator: set_nonblocking: {e}"));
+        let shared = self.shared.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let name = format!("vault-emulator-{}", self.addr.port());
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => panic!("{name}: tokio runtime: {e}"),
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => panic!("{name}: listener: {e}"),
+                    };
+                    tokio::select! {
+                        res = axum::serve(listener, http::router(shared)).into_future() => {
+                            if let Err(e) = res {
+                                eprintln!("{name}: server failed: {e}");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .unwrap_or_else(|e| panic!("vault emulator: spawn thread: {e}"));
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
+            stop: stop_tx,
+            thread,
+        });
+    }
+
+    /// `http://127.0.0.1:<port>` (what `VAULT_ADDR` would be).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The root token (what `VAULT_TOKEN` would be for an operator).
+    pub fn root_token(&self) -> &str {
+        &self.root_token
+    }
+
+    /// While `true`, every request but `sys/health` gets 503 `Vault is sealed`.
+    pub fn set_sealed(&self, sealed: bool) {
+        self.shared.sealed.store(sealed, Ordering::Relaxed);
+    }
+
+    /// How many HTTP requests it has received.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for VaultEmulator {
+    fn drop(&mut self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(r) = running {
+            let _ = r.stop.send(());
+            let _ = r.thread.join();
+        }
+    }
+}
