@@ -340,3 +340,204 @@ fn a_sealed_emulator_answers_503_but_health() {
     let r = request("GET", &format!("{}/v1/sys/health", e.url()), &[], None).unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// The PKI engine at `pki/`, mounted and with a root CA (the emulator has both from the start;
+/// a real `vault server -dev` gets them here).
+fn pki_ready(t: &Target) {
+    let r = t.root("POST", "sys/mounts/pki", Some(json!({"type": "pki"})));
+    assert!(
+        r.status == 204 || r.status == 400,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let ca = t.call("GET", "pki/ca/pem", None, None);
+    if ca.status != 200 || !ca.body.contains("BEGIN CERTIFICATE") {
+        let r = t.root(
+            "POST",
+            "pki/root/generate/internal",
+            Some(json!({"common_name": "vmesh conformance root", "ttl": "87600h"})),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
+#[test]
+fn pki_signs_a_csr_within_what_its_role_allows() {
+    let t = Target::new("pki");
+    pki_ready(&t);
+    let role = format!("vmesh-agent-{}", &t.prefix[t.prefix.len() - 8..]);
+    let r = t.root(
+        "POST",
+        &format!("pki/roles/{role}"),
+        Some(json!({
+            "allowed_domains": ["mesh.internal"], "allow_subdomains": true,
+            "allowed_uri_sans": ["spiffe://vmesh/*"], "require_cn": false, "max_ttl": "72h",
+        })),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let sign = |body: Value| t.root("POST", &format!("pki/sign/{role}"), Some(body));
+    let r = sign(json!({"csr": csr, "uri_sans": "spiffe://vmesh/dc/dc1/agent/vm-1", "ttl": "1h"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let data = json_of(&r)["data"].clone();
+    let pem = data["certificate"].as_str().unwrap();
+    let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let uris: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, ["spiffe://vmesh/dc/dc1/agent/vm-1"]);
+    assert!(data["issuing_ca"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    assert!(data["ca_chain"].is_array(), "{data}");
+    assert!(
+        data["serial_number"].as_str().unwrap().contains(':'),
+        "{data}"
+    );
+    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert!(lifetime <= 3600 + 120, "ttl 1h, got {lifetime}s");
+
+    // Outside the role: refused with 400.
+    let r = sign(json!({"csr": csr, "uri_sans": "spiffe://other/x"}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = sign(json!({"csr": csr, "common_name": "evil.example.com"}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    // The CA certificate needs no token.
+    let r = t.call("GET", "pki/ca/pem", None, None);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{}",
+        r.body
+    );
+
+    // issue/<role> makes the key too.
+    let r = t.root(
+        "POST",
+        &format!("pki/issue/{role}"),
+        Some(json!({"common_name": "gw.mesh.internal", "ttl": "1h"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(json_of(&r)["data"]["private_key"]
+        .as_str()
+        .unwrap()
+        .contains("PRIVATE KEY"));
+}
+
+#[test]
+fn approle_logs_in_with_a_role_id_and_a_secret_id() {
+    let t = Target::new("approle");
+    let r = t.root("POST", "sys/auth/approle", Some(json!({"type": "approle"})));
+    assert!(
+        r.status == 204 || r.status == 400,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let role = format!("vmesh-{}", &t.prefix[t.prefix.len() - 8..]);
+    let r = t.root(
+        "POST",
+        &format!("auth/approle/role/{role}"),
+        Some(json!({"token_policies": ["vmesh-reader"], "token_ttl": "20m"})),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = t.root("GET", &format!("auth/approle/role/{role}/role-id"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let role_id = json_of(&r)["data"]["role_id"].as_str().unwrap().to_string();
+    let r = t.root("POST", &format!("auth/approle/role/{role}/secret-id"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let secret_id = json_of(&r)["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let r = t.call(
+        "POST",
+        "auth/approle/login",
+        None,
+        Some(json!({"role_id": role_id, "secret_id": secret_id})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let auth = json_of(&r)["auth"].clone();
+    let token = auth["client_token"].as_str().unwrap();
+    assert_eq!(auth["renewable"], true);
+    assert!(
+        auth["lease_duration"].as_u64().unwrap() <= 20 * 60,
+        "{auth}"
+    );
+    let policies: Vec<&str> = auth["token_policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(policies.contains(&"vmesh-reader"), "{auth}");
+    assert_eq!(
+        t.call("GET", "auth/token/lookup-self", Some(token), None)
+            .status,
+        200
+    );
+
+    let r = t.call(
+        "POST",
+        "auth/approle/login",
+        None,
+        Some(json!({"role_id": role_id, "secret_id": "not-it"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+/// `vmesh-vault-emulator` serves the same, like `vault server -dev -dev-root-token-id`.
+#[test]
+fn the_standalone_emulator_starts_like_a_dev_server() {
+    let port = vmesh_testkit::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmesh-vault-emulator"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dev-root-token-id",
+            "dev-root",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let health =
+        vmesh_testkit::eventually(Duration::from_secs(20), "the emulator to listen", || {
+            request("GET", &format!("{url}/v1/sys/health"), &[], None)
+        });
+    assert_eq!(health.status, 200);
+    let put = request(
+        "POST",
+        &format!("{url}/v1/secret/data/demo"),
+        &[("x-vault-token", "dev-root")],
+        Some(br#"{"data": {"k": "v"}}"#),
+    )
+    .unwrap();
+    assert_eq!(put.status, 200, "{}", put.body);
+    let ca = request("GET", &format!("{url}/v1/pki/ca/pem"), &[], None).unwrap();
+    assert!(ca.body.contains("BEGIN CERTIFICATE"));
+    let _ = child.kill();
+    let _ = child.wait();
+}

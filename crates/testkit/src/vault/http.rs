@@ -152,6 +152,27 @@ async fn handle(AxState(sh): AxState<Arc<Shared>>, req: Request) -> Response {
     if sealed {
         return errors(StatusCode::SERVICE_UNAVAILABLE, &["Vault is sealed"]);
     }
+    // What needs no token: the CA certificates, and logging in.
+    if method_is(&parts.method, "GET") && (path == "pki/ca/pem" || path == "pki/cert/ca_chain") {
+        let pem = sh
+            .lock()
+            .pki
+            .as_ref()
+            .map(|p| p.ca_pem().to_string())
+            .unwrap_or_default();
+        return (
+            StatusCode::OK,
+            [("content-type", "application/pem-certificate-chain")],
+            pem,
+        )
+            .into_response();
+    }
+    if path == "auth/approle/login" {
+        return match body_json(&body) {
+            Ok(b) => approle_login(&mut sh.lock(), &b),
+            Err(r) => r.into_response(),
+        };
+    }
     let token = token_of(&parts.headers);
     let token = token.as_deref();
     let query = parts.uri.query().unwrap_or("");
@@ -174,7 +195,35 @@ async fn handle(AxState(sh): AxState<Arc<Shared>>, req: Request) -> Response {
             Ok(b) => create_token(st, token, &b),
             Err(r) => r.into_response(),
         },
+        "sys/auth/approle" | "sys/mounts/pki" => {
+            // Both are there from the start, as `vault server -dev` would have them after
+            // `vault auth enable approle` and `vault secrets enable pki`.
+            match authorize(st, token, path, Capability::Update) {
+                Ok(_) => errors(
+                    StatusCode::BAD_REQUEST,
+                    &[&format!(
+                        "path is already in use at {}/",
+                        path.rsplit('/').next().unwrap_or(path)
+                    )],
+                ),
+                Err(r) => r.into_response(),
+            }
+        }
+        "pki/root/generate/internal" => match authorize(st, token, path, Capability::Update) {
+            // The root made at start is the one there is.
+            Ok(_) => ok(
+                json!({"certificate": st.pki.as_ref().map(|p| p.ca_pem().trim_end().to_string())}),
+                "pki",
+            ),
+            Err(r) => r.into_response(),
+        },
         _ => {
+            if let Some(rest) = path.strip_prefix("pki/") {
+                return pki(st, token, method, path, rest, &body);
+            }
+            if let Some(rest) = path.strip_prefix("auth/approle/role/") {
+                return approle(st, token, method, path, rest, &body);
+            }
             if let Some(name) = path.strip_prefix("sys/policies/acl/") {
                 return policy(st, token, method, name, &body);
             }
@@ -199,6 +248,189 @@ async fn handle(AxState(sh): AxState<Arc<Shared>>, req: Request) -> Response {
             )
         }
     }
+}
+
+fn method_is(m: &axum::http::Method, name: &str) -> bool {
+    m.as_str() == name
+}
+
+fn pki(
+    st: &mut State,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    rest: &str,
+    body: &Bytes,
+) -> Response {
+    let body = match body_json(body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let Some(pki) = st.pki.as_ref() else {
+        return errors(StatusCode::NOT_FOUND, &[]);
+    };
+    if let Some(name) = rest.strip_prefix("roles/") {
+        return match method {
+            "GET" => match authorize(st, token, path, Capability::Read) {
+                Ok(_) => match pki.roles.get(name) {
+                    Some(role) => ok(role.to_json(), "pki"),
+                    None => errors(StatusCode::NOT_FOUND, &[]),
+                },
+                Err(r) => r.into_response(),
+            },
+            "PUT" | "POST" => {
+                let cap = if pki.roles.contains_key(name) {
+                    Capability::Update
+                } else {
+                    Capability::Create
+                };
+                if let Err(r) = authorize(st, token, path, cap) {
+                    return r.into_response();
+                }
+                match super::pki::Role::from_body(&body) {
+                    Ok(role) => {
+                        if let Some(pki) = st.pki.as_mut() {
+                            pki.roles.insert(name.to_string(), role);
+                        }
+                        StatusCode::NO_CONTENT.into_response()
+                    }
+                    Err(e) => errors(StatusCode::BAD_REQUEST, &[&e]),
+                }
+            }
+            _ => errors(StatusCode::METHOD_NOT_ALLOWED, &["unsupported operation"]),
+        };
+    }
+    let (sign, role) = match (rest.strip_prefix("sign/"), rest.strip_prefix("issue/")) {
+        (Some(role), _) => (true, role),
+        (None, Some(role)) => (false, role),
+        _ => {
+            return errors(
+                StatusCode::NOT_FOUND,
+                &[&format!("no handler for route \"{path}\"")],
+            )
+        }
+    };
+    if !matches!(method, "PUT" | "POST") {
+        return errors(StatusCode::METHOD_NOT_ALLOWED, &["unsupported operation"]);
+    }
+    if let Err(r) = authorize(st, token, path, Capability::Update) {
+        return r.into_response();
+    }
+    let Some(role) = pki.roles.get(role) else {
+        return errors(StatusCode::BAD_REQUEST, &[&format!("unknown role: {role}")]);
+    };
+    let signed = if sign {
+        pki.sign_csr(role, &body)
+    } else {
+        pki.issue(role, &body)
+    };
+    match signed {
+        Ok(data) => ok(data, "pki"),
+        Err(e) => errors(StatusCode::BAD_REQUEST, &[&e]),
+    }
+}
+
+fn approle(
+    st: &mut State,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    rest: &str,
+    body: &Bytes,
+) -> Response {
+    let body = match body_json(body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let (name, what) = rest.split_once('/').unwrap_or((rest, ""));
+    match (method, what) {
+        ("PUT" | "POST", "") => {
+            if let Err(r) = authorize(st, token, path, Capability::Update) {
+                return r.into_response();
+            }
+            let policies: Vec<String> = match body.get("token_policies").or(body.get("policies")) {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .collect(),
+                Some(Value::String(s)) => s
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let token_ttl = match body.get("token_ttl") {
+                Some(Value::String(s)) => parse_go_duration(s).ok(),
+                Some(Value::Number(n)) => n.as_u64().map(Duration::from_secs),
+                _ => None,
+            };
+            let role = st.approles.entry(name.to_string()).or_default();
+            if role.role_id.is_empty() {
+                role.role_id = new_uuid();
+            }
+            role.policies = policies;
+            role.token_ttl = token_ttl;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        ("GET", "role-id") => match authorize(st, token, path, Capability::Read) {
+            Ok(_) => match st.approles.get(name) {
+                Some(role) => ok(json!({"role_id": role.role_id}), "approle"),
+                None => errors(StatusCode::BAD_REQUEST, &["role does not exist"]),
+            },
+            Err(r) => r.into_response(),
+        },
+        ("PUT" | "POST", "secret-id") => {
+            if let Err(r) = authorize(st, token, path, Capability::Update) {
+                return r.into_response();
+            }
+            let Some(role) = st.approles.get_mut(name) else {
+                return errors(StatusCode::BAD_REQUEST, &["role does not exist"]);
+            };
+            let secret_id = new_uuid();
+            role.secret_ids.insert(secret_id.clone());
+            ok(
+                json!({"secret_id": secret_id, "secret_id_accessor": new_uuid(), "secret_id_ttl": 0, "secret_id_num_uses": 0}),
+                "approle",
+            )
+        }
+        _ => errors(StatusCode::METHOD_NOT_ALLOWED, &["unsupported operation"]),
+    }
+}
+
+fn approle_login(st: &mut State, body: &Value) -> Response {
+    let field = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default();
+    let (role_id, secret_id) = (field("role_id"), field("secret_id"));
+    let Some((name, role)) = st
+        .approles
+        .iter()
+        .find(|(_, r)| r.role_id == role_id && r.secret_ids.contains(secret_id))
+    else {
+        return errors(StatusCode::BAD_REQUEST, &["invalid role or secret ID"]);
+    };
+    let ttl = role.token_ttl.unwrap_or(DEFAULT_TTL);
+    let mut policies = role.policies.clone();
+    policies.push("default".into());
+    policies.sort();
+    policies.dedup();
+    let name = name.clone();
+    let id = format!("hvs.{}", new_uuid().replace('-', ""));
+    let t = Token {
+        accessor: new_uuid(),
+        policies,
+        expires: Some(Instant::now() + ttl),
+        creation_ttl: ttl,
+        renewable: true,
+        issued: SystemTime::now(),
+    };
+    st.tokens.insert(id.clone(), t.clone());
+    let mut auth = auth_block(&id, &t, ttl);
+    auth["metadata"] = json!({ "role_name": name });
+    (
+        StatusCode::OK,
+        axum::Json(envelope(Value::Null, auth, "approle")),
+    )
+        .into_response()
 }
 
 fn token_data(id: &str, t: &Token) -> Value {

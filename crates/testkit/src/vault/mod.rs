@@ -9,13 +9,18 @@
 //! - ACL policies in Vault's HCL syntax through `sys/policies/acl/<name>`, enforced per path
 //!   ([`policy`]);
 //! - KV version 2 at `secret/`: versions, metadata, CAS, `?version=`, delete of the latest version,
-//!   LIST.
+//!   LIST;
+//! - PKI at `pki/`: a root CA made at start, roles restricting names and URI SANs, `sign/<role>`,
+//!   `issue/<role>`, `ca/pem` and `cert/ca_chain` without a token;
+//! - AppRole: roles, their role id and secret ids, login.
 //!
-//! Not yet: AppRole, PKI, namespaces, the standalone binary. The conformance tests in
+//! Not yet: namespaces, other mounts, standby answers. `vmesh-vault-emulator` serves it alone,
+//! like `vault server -dev`. The conformance tests in
 //! `tests/vault_conformance.rs` run against it, and against a real Vault with `VAULT_ADDR` and
 //! `VAULT_TOKEN` set (`vault server -dev` is enough).
 
 mod http;
+mod pki;
 pub mod policy;
 
 use std::collections::BTreeMap;
@@ -56,12 +61,25 @@ pub(crate) struct Secret {
     pub updated: Option<SystemTime>,
 }
 
+/// An AppRole role: the policies and TTL of the tokens it logs in to.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AppRole {
+    pub role_id: String,
+    pub policies: Vec<String>,
+    pub token_ttl: Option<Duration>,
+    pub secret_ids: std::collections::BTreeSet<String>,
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     pub tokens: BTreeMap<String, Token>,
     pub policies: BTreeMap<String, (String, Policy)>,
     /// KV v2 at `secret/`, by path.
     pub kv: BTreeMap<String, Secret>,
+    /// The PKI engine at `pki/`, with the root CA made at start.
+    pub pki: Option<pki::Pki>,
+    /// AppRole roles by name.
+    pub approles: BTreeMap<String, AppRole>,
 }
 
 pub(crate) struct Shared {
@@ -98,12 +116,20 @@ impl VaultEmulator {
 
     /// Starts with this root token (like `vault server -dev -dev-root-token-id`).
     pub fn start_with_root_token(root_token: &str) -> VaultEmulator {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("vault emulator: bind: {e}"));
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), root_token)
+    }
+
+    /// Starts listening on `listen` with this root token. Panics if it cannot listen.
+    pub fn start_on(listen: SocketAddr, root_token: &str) -> VaultEmulator {
+        let listener = TcpListener::bind(listen)
+            .unwrap_or_else(|e| panic!("vault emulator: bind {listen}: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("vault emulator: local_addr: {e}"));
-        let mut state = State::default();
+        let mut state = State {
+            pki: Some(pki::Pki::new().unwrap_or_else(|e| panic!("vault emulator: root CA: {e}"))),
+            ..State::default()
+        };
         state.tokens.insert(
             root_token.to_string(),
             Token {
@@ -186,6 +212,16 @@ impl VaultEmulator {
     /// While `true`, every request but `sys/health` gets 503 `Vault is sealed`.
     pub fn set_sealed(&self, sealed: bool) {
         self.shared.sealed.store(sealed, Ordering::Relaxed);
+    }
+
+    /// The PKI root CA certificate (PEM), what `pki/ca/pem` serves.
+    pub fn pki_ca_pem(&self) -> String {
+        self.shared
+            .lock()
+            .pki
+            .as_ref()
+            .map(|p| p.ca_pem().to_string())
+            .unwrap_or_default()
     }
 
     /// How many HTTP requests it has received.
