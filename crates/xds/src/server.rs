@@ -24,7 +24,7 @@ use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::resource::{short_type, ProxySnapshot};
-use crate::stream::{Event, Mode, Response, Stream};
+use crate::stream::{Event, Mode, Response, SentMemory, Stream};
 
 /// Every proxy's target resources, by node id, as published by the controller.
 pub type Snapshots = BTreeMap<String, Arc<ProxySnapshot>>;
@@ -150,6 +150,8 @@ struct Inner {
     authorizer: Option<Arc<dyn Authorize>>,
     next_id: AtomicU64,
     empty: Arc<ProxySnapshot>,
+    /// What the streams sent of composed resources, for proxies that reconnect.
+    memory: Arc<SentMemory>,
 }
 
 impl AdsServer {
@@ -186,6 +188,7 @@ impl AdsServer {
                 authorizer,
                 next_id: AtomicU64::new(1),
                 empty: Arc::new(ProxySnapshot::default()),
+                memory: Arc::new(SentMemory::default()),
             }),
         }
     }
@@ -322,7 +325,7 @@ async fn run_stream<Req, Resp>(
             .unwrap_or_else(|| inner.empty.clone())
     };
     let target = lookup(&snapshots.borrow_and_update());
-    let mut stream = Stream::new(mode, target);
+    let mut stream = Stream::new(mode, target).remembering(inner.memory.clone());
     inner.connections.update(&info, &stream);
 
     let mut next = Some(first);

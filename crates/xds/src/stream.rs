@@ -33,7 +33,9 @@ use crate::resource::{
     PUSH_ORDER,
 };
 
+mod memory;
 mod parts;
+pub use memory::SentMemory;
 use parts::{PartJudgement, Verdict};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +159,8 @@ pub struct Stream {
     target: Arc<ProxySnapshot>,
     types: BTreeMap<String, TypeState>,
     next_nonce: u64,
+    /// What this server's streams sent of composed resources ([`SentMemory`]).
+    memory: Option<Arc<SentMemory>>,
 }
 
 impl Stream {
@@ -166,7 +170,15 @@ impl Stream {
             target,
             types: BTreeMap::new(),
             next_nonce: 0,
+            memory: None,
         }
+    }
+
+    /// Remembers the compositions it sends in `memory`, and recognises those a reconnecting
+    /// proxy reports holding.
+    pub fn remembering(mut self, memory: Arc<SentMemory>) -> Self {
+        self.memory = Some(memory);
+        self
     }
 
     pub fn mode(&self) -> Mode {
@@ -255,8 +267,16 @@ impl Stream {
             // A proxy reconnecting: if it already holds exactly what we would send, it is in sync.
             let desired = self.desired(&req.type_url);
             let ts = self.types.get_mut(&req.type_url).expect("inserted above");
+            let recalled = self
+                .memory
+                .as_ref()
+                .and_then(|m| m.view(&req.type_url, &req.version_info));
             if sotw_version(&desired) == req.version_info {
                 ts.acked = desired;
+                ts.answered = true;
+            } else if let Some(view) = recalled {
+                // A composition a stream of this server sent: the proxy holds exactly that.
+                ts.acked = view.iter().map(|r| (r.name.clone(), Held::of(r))).collect();
                 ts.answered = true;
             } else {
                 // It holds something, of content unknown here (a composition another stream
@@ -325,8 +345,13 @@ impl Stream {
             // only what differs, not a first answer.
             ts.answered = !req.initial_resource_versions.is_empty();
             for (name, version) in &req.initial_resource_versions {
-                let held = match current.and_then(|m| m.get(name)) {
-                    Some(r) if &r.version == version => Held::of(r),
+                let recalled = self
+                    .memory
+                    .as_ref()
+                    .and_then(|m| m.resource(&type_url, name, version));
+                let held = match (current.and_then(|m| m.get(name)), recalled) {
+                    (Some(r), _) if &r.version == version => Held::of(r),
+                    (_, Some(r)) => Held::of(&r),
                     _ => Held {
                         version: version.clone(),
                         refs: Vec::new(),
@@ -455,6 +480,20 @@ impl Stream {
             .collect();
         if changed.is_empty() && removed.is_empty() && ts.answered {
             return None;
+        }
+        if let Some(memory) = &self.memory {
+            let composed: Vec<&Arc<Resource>> = desired
+                .values()
+                .filter_map(|h| h.body.as_ref())
+                .filter(|b| !b.parts.is_empty())
+                .collect();
+            if !composed.is_empty() {
+                for r in &composed {
+                    memory.remember_resource(r);
+                }
+                let view = desired.values().filter_map(|h| h.body.clone()).collect();
+                memory.remember_view(type_url, &sotw_version(&desired), view);
+            }
         }
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();

@@ -943,3 +943,109 @@ fn a_refusal_of_two_route_configurations_blames_only_the_bad_one() {
     assert_eq!(blamed, [("g2".to_string(), "VirtualService/y".to_string())]);
     assert!(s.poll().is_empty());
 }
+
+/// A proxy that reconnects while a virtual service is refused holds a composition: the new
+/// stream of the same server recognises it, and goes on narrowing down instead of judging the
+/// whole route configuration.
+#[test]
+fn a_reconnecting_proxy_is_known_to_hold_the_composition_it_was_sent() {
+    for mode in [Mode::Delta, Mode::Sotw] {
+        let memory = Arc::new(SentMemory::default());
+        let target = || composed_gateway(&[("a", "bad"), ("b", "b2")]);
+        let mut s = Stream::new(mode, composed_gateway(&[("a", "a1"), ("b", "b1")]))
+            .remembering(memory.clone());
+        // Start-up, then a refused change of a and an accepted change of b.
+        let mut nonces = BTreeMap::new();
+        for (type_url, names) in [
+            (CLUSTER, vec![]),
+            (ENDPOINT, vec!["a"]),
+            (LISTENER, vec![]),
+            (ROUTE, vec!["gw"]),
+        ] {
+            let r = if mode == Mode::Delta {
+                s.handle_delta(&delta_req(type_url, &names, ""));
+                let out = s.poll();
+                let nonce = out[0].nonce().to_string();
+                s.handle_delta(&delta_req(type_url, &[], &nonce));
+                nonce
+            } else {
+                s.handle_sotw(&sotw_req(type_url, &names, "", ""));
+                let out = s.poll();
+                let r = sotw(&out)[0].clone();
+                s.handle_sotw(&sotw_req(type_url, &names, &r.version_info, &r.nonce));
+                r.nonce
+            };
+            nonces.insert(type_url, r);
+        }
+        s.set_target(target());
+        let mut held_version = String::new();
+        for _ in 0..6 {
+            let out = s.poll();
+            let Some(r) = out.first() else { break };
+            let nonce = r.nonce().to_string();
+            let (refused, version) = match r {
+                Response::Delta(d) => (
+                    vhosts_in(d).iter().any(|(_, c)| c == "bad"),
+                    d.resources[0].version.clone(),
+                ),
+                Response::Sotw(d) => {
+                    let rc = <RouteConfiguration as prost::Message>::decode(&*d.resources[0].value)
+                        .unwrap();
+                    (
+                        rc.virtual_hosts.iter().any(|v| v.domains[0] == "bad"),
+                        d.version_info.clone(),
+                    )
+                }
+            };
+            if refused {
+                if mode == Mode::Delta {
+                    refuse(&mut s, &nonce);
+                } else {
+                    s.handle_sotw(&nack(ROUTE, &["gw"], "", &nonce));
+                }
+            } else {
+                if mode == Mode::Delta {
+                    s.handle_delta(&delta_req(ROUTE, &[], &nonce));
+                } else {
+                    s.handle_sotw(&sotw_req(ROUTE, &["gw"], &version, &nonce));
+                }
+                held_version = version;
+            }
+        }
+        assert!(s.poll().is_empty(), "{mode:?}: settled with a held back");
+        assert!(!memory.is_empty());
+
+        // The proxy reconnects, to a new stream of the same server, holding that composition.
+        let mut again = Stream::new(mode, target()).remembering(memory.clone());
+        if mode == Mode::Delta {
+            let mut req = delta_req(ROUTE, &["gw"], "");
+            req.initial_resource_versions = [("gw".to_string(), held_version.clone())].into();
+            again.handle_delta(&req);
+        } else {
+            again.handle_sotw(&sotw_req(ROUTE, &["gw"], &held_version, ""));
+        }
+        // The new stream cannot know a's version was refused: it tries the target once, and
+        // since it knows what the proxy holds, the refusal is blamed on a alone.
+        let out = again.poll();
+        let r = out
+            .iter()
+            .find(|r| r.type_url() == ROUTE)
+            .expect("the target, once");
+        let nonce = r.nonce().to_string();
+        let event = if mode == Mode::Delta {
+            refuse(&mut again, &nonce)
+        } else {
+            again
+                .handle_sotw(&nack(ROUTE, &["gw"], "", &nonce))
+                .remove(0)
+        };
+        assert!(
+            matches!(&event, Event::Nack { parts, .. } if parts == &[("gw".to_string(), "VirtualService/a".to_string())]),
+            "{mode:?}: {event:?}"
+        );
+        assert!(
+            again.poll().iter().all(|r| r.type_url() != ROUTE),
+            "{mode:?}: settled again"
+        );
+    }
+}
