@@ -443,6 +443,11 @@ fn token_data(id: &str, t: &Token) -> Value {
         .map(|e| rfc3339(SystemTime::now() + e.saturating_duration_since(Instant::now())));
     json!({
         "accessor": t.accessor,
+        "creation_time": t
+            .issued
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         "creation_ttl": t.creation_ttl.as_secs(),
         "display_name": "token",
         "entity_id": "",

@@ -1,0 +1,271 @@
+//! Vault as vmesh uses it (issue 11, first part): a client on `vaultrs` that
+//!
+//! - logs in with a token (`VAULT_TOKEN`), a token file (as Nomad's `template` or Vault Agent
+//!   writes it, read again when renewal is refused), or AppRole (a role id and a secret-id file);
+//! - keeps its token renewed at about two thirds of its TTL, and logs in again when renewal is
+//!   refused;
+//! - reads KV v2 secrets with the version they are at, and polls only their metadata;
+//! - never puts a token in an error, a log line or a `Debug` form.
+//!
+//! `VAULT_CACERT`, `VAULT_CAPATH` and `VAULT_SKIP_VERIFY` are read by `vaultrs`; the address, the
+//! namespace and the login are [`Settings`], which the controller's flags (and `VAULT_ADDR`,
+//! `VAULT_TOKEN`, `VAULT_NAMESPACE`) will fill when it uses this. Nothing in vmesh uses it yet:
+//! the flags, the secret watcher, TLS over SDS and the PKI CA provider come next.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::RwLock;
+use tracing::{info, warn};
+use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+/// A Vault token: shown as `[redacted]` wherever it is formatted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Self {
+        Token(token.into().trim().to_string())
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token([redacted])")
+    }
+}
+
+/// How the client gets its token.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// A token given once (`VAULT_TOKEN`).
+    Token(Token),
+    /// A file holding a token, written by something else (Nomad, Vault Agent): read at start and
+    /// again whenever the token in hand is refused renewal.
+    TokenFile(PathBuf),
+    /// AppRole at `mount` (usually `approle`): the role id and a file holding a secret id.
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id_file: PathBuf,
+    },
+}
+
+/// Where Vault is and how to log in.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `http(s)://host:port`.
+    pub address: String,
+    pub namespace: Option<String>,
+    pub login: Login,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("Vault refused: {0}")]
+    Denied(String),
+    #[error("not found in Vault: {0}")]
+    NotFound(String),
+    #[error("cannot reach Vault or read its answer: {0}")]
+    Unreachable(String),
+    #[error("cannot log in to Vault: {0}")]
+    Login(String),
+}
+
+/// What the client knows of its token.
+struct Held {
+    token: Token,
+    ttl: Duration,
+    renewable: bool,
+    obtained: Instant,
+}
+
+pub struct Vault {
+    settings: Settings,
+    client: RwLock<VaultClient>,
+    held: RwLock<Held>,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault")
+            .field("address", &self.settings.address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The text of a vaultrs error, with `token` cut out should it ever appear.
+fn text(e: &ClientError, token: &Token) -> String {
+    let s = e.to_string();
+    if token.0.is_empty() {
+        s
+    } else {
+        s.replace(&token.0, "[redacted]")
+    }
+}
+
+fn classify(e: ClientError, what: &str, token: &Token) -> VaultError {
+    let message = format!("{what}: {}", text(&e, token));
+    match &e {
+        ClientError::APIError { code: 403, .. } => VaultError::Denied(message),
+        ClientError::APIError { code: 404, .. } => VaultError::NotFound(message),
+        ClientError::APIError { .. } => VaultError::Denied(message),
+        _ => VaultError::Unreachable(message),
+    }
+}
+
+fn read_secret_file(path: &PathBuf) -> Result<Token, VaultError> {
+    std::fs::read_to_string(path)
+        .map(Token::new)
+        .map_err(|e| VaultError::Login(format!("cannot read {}: {e}", path.display())))
+}
+
+impl Vault {
+    /// Logs in and learns the token's TTL.
+    pub async fn connect(settings: Settings) -> Result<Vault, VaultError> {
+        // vaultrs' HTTP client uses the process's rustls provider; vmesh's is ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = VaultClientSettingsBuilder::default();
+        builder.address(&settings.address).token("");
+        if let Some(ns) = &settings.namespace {
+            builder.namespace(Some(ns.clone()));
+        }
+        let built = builder
+            .build()
+            .map_err(|e| VaultError::Unreachable(format!("client settings: {e}")))?;
+        let client =
+            VaultClient::new(built).map_err(|e| VaultError::Unreachable(format!("client: {e}")))?;
+        let vault = Vault {
+            settings,
+            client: RwLock::new(client),
+            held: RwLock::new(Held {
+                token: Token::new(""),
+                ttl: Duration::ZERO,
+                renewable: false,
+                obtained: Instant::now(),
+            }),
+        };
+        vault.login().await?;
+        Ok(vault)
+    }
+
+    /// Gets a token the way the settings say, and learns its TTL.
+    async fn login(&self) -> Result<(), VaultError> {
+        let token = match &self.settings.login {
+            Login::Token(t) => t.clone(),
+            Login::TokenFile(path) => read_secret_file(path)?,
+            Login::AppRole {
+                mount,
+                role_id,
+                secret_id_file,
+            } => {
+                let secret_id = read_secret_file(secret_id_file)?;
+                let client = self.client.read().await;
+                let auth = vaultrs::auth::approle::login(&*client, mount, role_id, &secret_id.0)
+                    .await
+                    .map_err(|e| VaultError::Login(text(&e, &secret_id)))?;
+                Token::new(auth.client_token)
+            }
+        };
+        self.client.write().await.set_token(&token.0);
+        let lookup = {
+            let client = self.client.read().await;
+            vaultrs::token::lookup_self(&*client).await
+        };
+        let lookup = lookup.map_err(|e| match classify(e, "token lookup", &token) {
+            VaultError::Denied(m) => VaultError::Login(m),
+            other => other,
+        })?;
+        *self.held.write().await = Held {
+            token,
+            ttl: Duration::from_secs(lookup.ttl),
+            renewable: lookup.renewable.unwrap_or(false),
+            obtained: Instant::now(),
+        };
+        info!(
+            ttl_s = lookup.ttl,
+            renewable = lookup.renewable.unwrap_or(false),
+            "logged in to Vault"
+        );
+        Ok(())
+    }
+
+    /// How long until the token should be renewed: two thirds of its TTL after it was obtained
+    /// (never, for a token without a TTL).
+    pub async fn renew_in(&self) -> Option<Duration> {
+        let held = self.held.read().await;
+        if held.ttl.is_zero() {
+            return None;
+        }
+        Some((held.ttl * 2 / 3).saturating_sub(held.obtained.elapsed()))
+    }
+
+    /// Renews the token; when Vault refuses (not renewable, expired, revoked), logs in again.
+    pub async fn renew_or_login(&self) -> Result<(), VaultError> {
+        let (renewable, token) = {
+            let held = self.held.read().await;
+            (held.renewable, held.token.clone())
+        };
+        if renewable {
+            let renewed = {
+                let client = self.client.read().await;
+                vaultrs::token::renew_self(&*client, None).await
+            };
+            match renewed {
+                Ok(auth) => {
+                    let mut held = self.held.write().await;
+                    held.ttl = Duration::from_secs(auth.lease_duration);
+                    held.obtained = Instant::now();
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(error = %text(&e, &token), "Vault refused to renew the token; logging in again")
+                }
+            }
+        }
+        self.login().await
+    }
+
+    /// Keeps the token renewed until the future is dropped.
+    pub async fn maintain(&self) {
+        loop {
+            let Some(wait) = self.renew_in().await else {
+                return;
+            };
+            tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+            if let Err(e) = self.renew_or_login().await {
+                warn!(error = %e, "cannot renew the Vault token; trying again in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+
+    /// The version a KV v2 secret is at: what a watcher polls.
+    pub async fn kv2_version(&self, mount: &str, path: &str) -> Result<u64, VaultError> {
+        let token = self.held.read().await.token.clone();
+        let client = self.client.read().await;
+        vaultrs::kv2::read_metadata(&*client, mount, path)
+            .await
+            .map(|m| m.current_version)
+            .map_err(|e| classify(e, &format!("{mount}/metadata/{path}"), &token))
+    }
+
+    /// A KV v2 secret's keys and values at its current version, and that version.
+    pub async fn kv2_read(
+        &self,
+        mount: &str,
+        path: &str,
+    ) -> Result<(u64, BTreeMap<String, String>), VaultError> {
+        let version = self.kv2_version(mount, path).await?;
+        let token = self.held.read().await.token.clone();
+        let client = self.client.read().await;
+        let data: BTreeMap<String, String> =
+            vaultrs::kv2::read_version(&*client, mount, path, version)
+                .await
+                .map_err(|e| classify(e, &format!("{mount}/data/{path}"), &token))?;
+        Ok((version, data))
+    }
+}
