@@ -30,6 +30,7 @@ mod poll;
 mod ports;
 pub mod process;
 pub mod relay;
+mod serve;
 pub mod vault;
 
 pub use binary::{current_profile, target_dir, workspace_binary};

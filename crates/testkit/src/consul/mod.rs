@@ -21,11 +21,9 @@ mod store;
 mod util;
 
 use std::collections::BTreeMap;
-use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
@@ -115,11 +113,6 @@ impl Shared {
     }
 }
 
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
 /// An in-process Consul HTTP API (one agent on one node) on `node_address`, served from its own thread and tokio runtime (so
 /// synchronous tests can use it). The data lives outside the server: [`ConsulEmulator::stop`] and
 /// [`ConsulEmulator::restart`] take the listener down and up on the same port with the same data.
@@ -127,7 +120,7 @@ struct Running {
 pub struct ConsulEmulator {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    running: Mutex<Option<Running>>,
+    running: Mutex<Option<crate::serve::Served>>,
 }
 
 impl std::fmt::Debug for ConsulEmulator {
@@ -178,51 +171,21 @@ impl ConsulEmulator {
     }
 
     fn serve(&self, listener: TcpListener) {
-        listener
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("consul emulator: set_nonblocking: {e}"));
         let shared = self.shared.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let name = format!("consul-emulator-{}", self.addr.port());
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => panic!("{name}: tokio runtime: {e}"),
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => panic!("{name}: listener: {e}"),
-                    };
-                    // A new leader restarts every session's TTL timer.
-                    shared.lock().reset_session_timers(Some(Instant::now()));
-                    tokio::spawn(session_reaper(shared.clone()));
-                    let app = router(shared);
-                    tokio::select! {
-                        res = axum::serve(listener, app).into_future() => {
-                            if let Err(e) = res {
-                                eprintln!("{name}: server failed: {e}");
-                            }
-                        }
-                        _ = stop_rx => {}
-                    }
-                });
-                // Dropping the runtime cancels every connection (and blocking query) task.
-                drop(rt);
-            })
-            .unwrap_or_else(|e| panic!("consul emulator: spawn thread: {e}"));
-        *self.running_guard() = Some(Running {
-            stop: stop_tx,
-            thread,
-        });
+        let served = crate::serve::serve_on_thread(
+            format!("consul-emulator-{}", self.addr.port()),
+            listener,
+            move || {
+                // A new leader restarts every session's TTL timer.
+                shared.lock().reset_session_timers(Some(Instant::now()));
+                tokio::spawn(session_reaper(shared.clone()));
+                router(shared)
+            },
+        );
+        *self.running_guard() = Some(served);
     }
 
-    fn running_guard(&self) -> MutexGuard<'_, Option<Running>> {
+    fn running_guard(&self) -> MutexGuard<'_, Option<crate::serve::Served>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -252,9 +215,8 @@ impl ConsulEmulator {
     /// like a Consul that went down. Data is kept; session TTL timers pause. No-op if stopped.
     pub fn stop(&self) {
         let running = self.running_guard().take();
-        if let Some(r) = running {
-            let _ = r.stop.send(());
-            let _ = r.thread.join();
+        if let Some(served) = running {
+            served.stop();
             self.shared.lock().reset_session_timers(None);
         }
     }

@@ -414,16 +414,7 @@ fn approle_login(st: &mut State, body: &Value) -> Response {
     policies.sort();
     policies.dedup();
     let name = name.clone();
-    let id = format!("hvs.{}", new_uuid().replace('-', ""));
-    let t = Token {
-        accessor: new_uuid(),
-        policies,
-        expires: Some(Instant::now() + ttl),
-        creation_ttl: ttl,
-        renewable: true,
-        issued: SystemTime::now(),
-    };
-    st.tokens.insert(id.clone(), t.clone());
+    let (id, t) = issue(st, policies, ttl, true);
     let mut auth = auth_block(&id, &t, ttl);
     auth["metadata"] = json!({ "role_name": name });
     (
@@ -556,6 +547,16 @@ fn create_token(st: &mut State, token: Option<&str>, body: &Value) -> Response {
         .get("renewable")
         .and_then(Value::as_bool)
         .unwrap_or(true);
+    let (id, t) = issue(st, policies, ttl, renewable);
+    (
+        StatusCode::OK,
+        axum::Json(envelope(Value::Null, auth_block(&id, &t, ttl), "token")),
+    )
+        .into_response()
+}
+
+/// A new service token, stored.
+fn issue(st: &mut State, policies: Vec<String>, ttl: Duration, renewable: bool) -> (String, Token) {
     let id = format!("hvs.{}", new_uuid().replace('-', ""));
     let t = Token {
         accessor: new_uuid(),
@@ -566,11 +567,7 @@ fn create_token(st: &mut State, token: Option<&str>, body: &Value) -> Response {
         issued: SystemTime::now(),
     };
     st.tokens.insert(id.clone(), t.clone());
-    (
-        StatusCode::OK,
-        axum::Json(envelope(Value::Null, auth_block(&id, &t, ttl), "token")),
-    )
-        .into_response()
+    (id, t)
 }
 
 fn policy(st: &mut State, token: Option<&str>, method: &str, name: &str, body: &Bytes) -> Response {

@@ -24,11 +24,9 @@ mod pki;
 pub mod policy;
 
 use std::collections::BTreeMap;
-use std::future::IntoFuture;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use policy::Policy;
@@ -94,18 +92,13 @@ impl Shared {
     }
 }
 
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
 /// An in-process Vault (one unsealed, active node) served from its own thread and runtime, so
 /// that synchronous tests can use it. Stops on drop.
 pub struct VaultEmulator {
     shared: Arc<Shared>,
     addr: SocketAddr,
     root_token: String,
-    running: Mutex<Option<Running>>,
+    running: Mutex<Option<crate::serve::Served>>,
 }
 
 impl VaultEmulator {
@@ -161,42 +154,13 @@ impl VaultEmulator {
     }
 
     fn serve(&self, listener: TcpListener) {
-        listener
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("vault emulator: set_nonblocking: {e}"));
         let shared = self.shared.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let name = format!("vault-emulator-{}", self.addr.port());
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => panic!("{name}: tokio runtime: {e}"),
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => panic!("{name}: listener: {e}"),
-                    };
-                    tokio::select! {
-                        res = axum::serve(listener, http::router(shared)).into_future() => {
-                            if let Err(e) = res {
-                                eprintln!("{name}: server failed: {e}");
-                            }
-                        }
-                        _ = stop_rx => {}
-                    }
-                });
-            })
-            .unwrap_or_else(|e| panic!("vault emulator: spawn thread: {e}"));
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
-            stop: stop_tx,
-            thread,
-        });
+        let served = crate::serve::serve_on_thread(
+            format!("vault-emulator-{}", self.addr.port()),
+            listener,
+            move || http::router(shared),
+        );
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(served);
     }
 
     /// `http://127.0.0.1:<port>` (what `VAULT_ADDR` would be).
@@ -237,9 +201,8 @@ impl Drop for VaultEmulator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(r) = running {
-            let _ = r.stop.send(());
-            let _ = r.thread.join();
+        if let Some(served) = running {
+            served.stop();
         }
     }
 }
