@@ -231,8 +231,19 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
 }
 
 /// A resource body in Envoy's JSON form, as Envoy's own `/config_dump` prints it.
+/// A secret's private key is never shown ([`vmesh_translate::redacted_secret`]).
 fn render(r: &Resource) -> serde_json::Value {
-    vmesh_envoy_json::to_json(r.type_url, &r.body.value).unwrap_or_else(|e| json!({ "error": e }))
+    let redacted;
+    let bytes = if r.type_url == vmesh_xds::resource::SECRET {
+        let Some(secret) = vmesh_translate::redacted_secret(&r.body.value) else {
+            return json!({ "error": "not a Secret" });
+        };
+        redacted = prost::Message::encode_to_vec(&secret);
+        &redacted
+    } else {
+        &r.body.value
+    };
+    vmesh_envoy_json::to_json(r.type_url, bytes).unwrap_or_else(|e| json!({ "error": e }))
 }
 
 /// The agents the relay knows: connected, or within their grace period.

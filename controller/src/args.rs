@@ -147,6 +147,23 @@ pub struct Args {
     #[arg(long, env = "VMESH_OPEN_FILES", default_value_t = 65536)]
     pub open_files: u64,
 
+    /// Directory of secrets, when Vault is not used: secret `vmesh/tls/shop` is the directory
+    /// `<secrets-dir>/vmesh/tls/shop/` with the files `cert`, `key` and/or `ca`. Watched for
+    /// changes.
+    #[arg(long, env = "VMESH_SECRETS_DIR", default_value = DEFAULT_SECRETS_DIR, conflicts_with = "vault_addr")]
+    pub secrets_dir: PathBuf,
+
+    #[command(flatten)]
+    pub vault: vmesh_vault::VaultFlags,
+
+    /// The KV version 2 mount secrets are read from in Vault.
+    #[arg(long, env = "VMESH_VAULT_KV_MOUNT", default_value = "secret")]
+    pub vault_kv_mount: String,
+
+    /// How often each secret's version is asked of Vault (spread over the interval, ± 10 %).
+    #[arg(long, env = "VMESH_VAULT_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub vault_poll_interval: Duration,
+
     #[command(flatten)]
     pub logging: vmesh_runtime::LogFlags,
 }
@@ -181,6 +198,9 @@ fn default_id() -> String {
 /// repository, which an installed binary has no reason to find).
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/vmesh/config";
 
+/// Where the controller reads secrets when neither Vault nor a directory is given.
+pub const DEFAULT_SECRETS_DIR: &str = "/etc/vmesh/secrets";
+
 /// Where the controller reads its config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceChoice {
@@ -202,6 +222,17 @@ impl Args {
 
     pub fn consul_config(&self) -> Result<vmesh_consul::ConsulConfig, vmesh_consul::ConsulError> {
         self.consul_flags.config()
+    }
+
+    /// Why secrets may not be sent to proxies, if they may not: xDS is plaintext and
+    /// unauthenticated off loopback, where anyone could ask for them.
+    pub fn secrets_refused(&self) -> Option<String> {
+        (self.xds_insecure && !self.xds_addr.ip().is_loopback()).then(|| {
+            format!(
+                "certificates and keys are sent only over authenticated xDS, and --xds-insecure serves xDS on {} in plaintext to anyone: drop --xds-insecure (gateways then authenticate with mesh certificates) or serve xDS on loopback",
+                self.xds_addr
+            )
+        })
     }
 }
 

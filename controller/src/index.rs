@@ -15,13 +15,13 @@
 //! [`Index::run`] only moves events in and translations out, and runs the translator off the
 //! async workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
-use vmesh_model::{Catalog, Config, ConfigSet, Problem};
+use vmesh_model::{Catalog, Config, ConfigSet, Problem, SecretEntry, Secrets};
 use vmesh_runtime::{Component, Shutdown};
 use vmesh_translate::Translation;
 use vmesh_xds::server::{Snapshots, SnapshotsRx};
@@ -54,6 +54,13 @@ pub struct IndexState {
     catalog: Catalog,
     /// Publish nothing until the first catalog arrives.
     awaiting_catalog: bool,
+    /// What the secret watcher reported, and why secrets may not be sent at all.
+    secrets: Secrets,
+    /// Whether a secret watcher runs. Without one, every secret is reported missing at once.
+    secret_source: bool,
+    /// The secrets the config refers to, as of the last translation attempt: what the secret
+    /// watcher must read.
+    wanted_secrets: BTreeSet<String>,
     /// Something changed since the last translation (or nothing was translated yet).
     dirty: bool,
     generation: u64,
@@ -68,6 +75,19 @@ impl IndexState {
             dirty: true,
             ..Default::default()
         }
+    }
+
+    /// Secrets come from a watcher (`source`), and may be sent to proxies unless `refused`
+    /// says why not.
+    pub fn with_secrets(mut self, source: bool, refused: Option<String>) -> Self {
+        self.secret_source = source;
+        self.secrets.refused = refused;
+        self
+    }
+
+    /// The secrets the config refers to: what the secret watcher reads.
+    pub fn wanted_secrets(&self) -> &BTreeSet<String> {
+        &self.wanted_secrets
     }
 
     /// Applies one batch of changes.
@@ -109,20 +129,52 @@ impl IndexState {
                     self.catalog = catalog;
                     changed || first
                 }
+                Change::Secrets(entries) => {
+                    let changed = entries != self.secrets.entries;
+                    self.secrets.entries = entries;
+                    changed
+                }
             };
         }
     }
 
     /// The config to translate next, with its generation, if there is anything to translate:
-    /// something changed (or nothing was published yet) and no catalog is awaited.
+    /// something changed (or nothing was published yet), no catalog is awaited, and every
+    /// secret the config refers to has been read (or tried) once — so a restarted controller
+    /// never serves a gateway without the certificates it had.
     pub fn next_translation(&mut self) -> Option<(u64, Config)> {
         if !self.dirty || self.awaiting_catalog {
             return None;
         }
+        let mut config = self.set.snapshot();
+        self.wanted_secrets = config.referenced_secrets();
+        let mut secrets = self.secrets.clone();
+        for name in &self.wanted_secrets {
+            if secrets.entries.contains_key(name) {
+                continue;
+            }
+            if self.secret_source {
+                // Not read yet: wait for the watcher, which reads it now.
+                return None;
+            }
+            secrets.entries.insert(
+                name.clone(),
+                SecretEntry {
+                    problem: Some(
+                        "no secret source: start the controller with --secrets-dir or --vault-addr"
+                            .into(),
+                    ),
+                    ..Default::default()
+                },
+            );
+        }
+        secrets
+            .entries
+            .retain(|name, _| self.wanted_secrets.contains(name));
         self.dirty = false;
         self.generation += 1;
-        let mut config = self.set.snapshot();
         config.catalog = self.catalog.clone();
+        config.secrets = secrets;
         Some((self.generation, config))
     }
 
@@ -157,6 +209,8 @@ pub struct Index {
     state: IndexState,
     snapshots: watch::Sender<Option<Arc<Snapshots>>>,
     published: watch::Sender<Option<Arc<Published>>>,
+    /// The secrets the config refers to, for the secret watcher.
+    secret_names: watch::Sender<BTreeSet<String>>,
     metrics: Arc<Metrics>,
     component: Component,
 }
@@ -179,10 +233,16 @@ impl Index {
             state,
             snapshots,
             published,
+            secret_names: watch::channel(BTreeSet::new()).0,
             metrics,
             component,
         };
         (index, snapshots_rx, published_rx)
+    }
+
+    /// The names of the secrets the config refers to, as they change.
+    pub fn secret_names(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.secret_names.subscribe()
     }
 
     /// Applies events until every source is gone or a shutdown is asked for.
@@ -205,7 +265,16 @@ impl Index {
             while let Ok(more) = events.try_recv() {
                 self.state.apply(more);
             }
-            let Some((generation, config)) = self.state.next_translation() else {
+            let next = self.state.next_translation();
+            let wanted = self.state.wanted_secrets();
+            self.secret_names.send_if_modified(|names| {
+                let changed = names != wanted;
+                if changed {
+                    names.clone_from(wanted);
+                }
+                changed
+            });
+            let Some((generation, config)) = next else {
                 continue;
             };
             let source_errors = config.source_errors.clone();

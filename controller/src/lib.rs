@@ -14,6 +14,7 @@ mod metrics;
 mod object_log;
 mod refusals;
 mod relay;
+mod secrets;
 mod source;
 mod status;
 mod status_kv;
@@ -64,10 +65,37 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
     // Sources → index → (snapshots, translation).
     let (events_tx, events_rx) = mpsc::channel(64);
     let (index, snapshots, published) = index::Index::new(
-        index::IndexState::new(args.relay_addr.is_some()),
+        index::IndexState::new(args.relay_addr.is_some())
+            .with_secrets(true, args.secrets_refused()),
         metrics.clone(),
         readiness.component("index"),
     );
+    // Secrets: from Vault when it is configured, from the secrets directory otherwise.
+    let backend = match args.vault.settings().map_err(anyhow::Error::msg)? {
+        Some(settings) => {
+            info!(vault = %settings.address, mount = %args.vault_kv_mount, "reading secrets from Vault");
+            let vault = Arc::new(vmesh_vault::Vault::new(settings).context("Vault")?);
+            let maintained = vault.clone();
+            tasks.spawn("vault-token", async move {
+                maintained.maintain().await;
+                Ok(())
+            });
+            secrets::Backend::Vault(secrets::vault::VaultBackend::new(
+                vault,
+                args.vault_kv_mount.clone(),
+                args.vault_poll_interval,
+            ))
+        }
+        None => secrets::Backend::Dir(secrets::dir::DirBackend::new(args.secrets_dir.clone())?),
+    };
+    let secret_watcher = secrets::SecretWatcher {
+        backend,
+        names: index.secret_names(),
+        events: events_tx.clone(),
+        component: readiness.component("secrets"),
+        metrics: metrics.clone(),
+    };
+    tasks.spawn("secrets", secret_watcher.run(tasks.shutdown()));
     let health = Arc::new(source::SourceHealth::new(
         metrics.source_up.clone(),
         metrics.source_errors.clone(),

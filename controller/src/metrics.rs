@@ -30,6 +30,14 @@ pub struct ObjectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretRequestLabels {
+    /// `metadata` (a poll) or `data` (a read of a new version), or `file` (a secrets dir).
+    pub request: &'static str,
+    /// `ok`, `not_found`, `denied` or `unreachable`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -46,6 +54,8 @@ pub struct Metrics {
     pub proxies: Gauge,
     pub source_up: Gauge,
     pub source_errors: Counter,
+    pub secret_source_up: Gauge,
+    pub secret_requests: Family<SecretRequestLabels, Counter>,
     pub relay_refused: Family<ReasonLabel, Counter>,
     pub xds_refused: Family<ReasonLabel, Counter>,
     pub relay_registrations: Counter,
@@ -71,6 +81,8 @@ impl Metrics {
             proxies: Gauge::default(),
             source_up: Gauge::default(),
             source_errors: Counter::default(),
+            secret_source_up: Gauge::default(),
+            secret_requests: Family::default(),
             relay_refused: Family::default(),
             xds_refused: Family::default(),
             relay_registrations: Counter::default(),
@@ -127,6 +139,16 @@ impl Metrics {
             "config_source_errors",
             "Failed reads of the config source",
             m.source_errors.clone(),
+        );
+        r.register(
+            "secret_source_up",
+            "1 while the secret source (Vault or the secrets directory) answers, 0 while it cannot be reached",
+            m.secret_source_up.clone(),
+        );
+        r.register(
+            "secret_requests",
+            "Requests to the secret source, by request and result",
+            m.secret_requests.clone(),
         );
         r.register(
             "relay_refused",

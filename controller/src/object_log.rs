@@ -167,6 +167,7 @@ mod tests {
             version: "v".into(),
             serving_last_good: false,
             serving_version: None,
+            certificates: vec![],
         }
     }
 

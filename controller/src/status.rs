@@ -256,6 +256,7 @@ pub fn object_statuses(
                 version: report.version.clone(),
                 serving_last_good: report.serving_last_good,
                 serving_version: report.serving_version.clone(),
+                certificates: report.certificates.clone(),
                 config_modify_index: published.revisions.get(&report.source).copied(),
                 proxies: counts.get(key).copied().unwrap_or_default(),
             };

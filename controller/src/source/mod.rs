@@ -45,6 +45,8 @@ pub enum Change {
     },
     /// Every service instance the agents report (the relay's discovery), replacing the last.
     Catalog(vmesh_model::Catalog),
+    /// What the secret watcher knows of the secrets the config refers to, replacing the last.
+    Secrets(std::collections::BTreeMap<String, vmesh_model::SecretEntry>),
 }
 
 /// A batch of changes, applied together. An empty batch says "the source is read, nothing changed".

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod apply;
 pub mod bootstrap;
 pub mod consul;
+pub mod dev_cert;
 pub mod get;
 pub mod status;
 pub mod token;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use vmeshctl::{agent, apply, bootstrap, consul, get, status, token, validate};
+use vmeshctl::{agent, apply, bootstrap, consul, dev_cert, get, status, token, validate};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -38,6 +38,9 @@ enum Command {
     Apply(apply::ApplyArgs),
     /// Print an Envoy bootstrap for a gateway or sidecar proxy.
     Bootstrap(bootstrap::BootstrapArgs),
+    /// Write a development certificate (and the CA that signed it) into a secrets directory:
+    /// for demos and tests on one machine, not production.
+    DevCert(dev_cert::DevCertArgs),
     /// Delete a config object from Consul KV (the controller then removes its status).
     #[command(after_help = EXIT_CODES)]
     Delete(get::DeleteArgs),
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent::run(&a),
         Command::Apply(a) => apply::run(&a),
         Command::Bootstrap(a) => bootstrap::run(&a),
+        Command::DevCert(a) => dev_cert::run(&a),
         Command::Delete(a) => get::run_delete(&a),
         Command::Get(a) => get::run_get(&a),
         Command::Status(a) => status::run(&a),

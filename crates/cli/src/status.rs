@@ -303,6 +303,15 @@ pub fn table(rows: &[&Row], source_errors: &SourceErrors) -> String {
                     under.push(format!("  {label}: {p}"));
                 }
             }
+            for c in &s.certificates {
+                under.push(format!(
+                    "  certificate: {} ({}), {}, expires {}",
+                    c.secret,
+                    c.names.join(", "),
+                    c.revision,
+                    c.not_after
+                ));
+            }
             if s.serving_last_good {
                 under.push("  serving the last accepted version".to_string());
             }
@@ -359,8 +368,18 @@ mod tests {
             serving_version: Some("def".into()),
             config_modify_index: None,
             proxies: ProxyCount { total: 2, acked: 1 },
+            certificates: vec![vmesh_model::CertificateInfo {
+                secret: "vmesh/tls/shop".into(),
+                revision: "version 3".into(),
+                names: vec!["shop.example.com".into()],
+                not_after: "2027-01-01T00:00:00Z".into(),
+            }],
         });
         let t = table(&[&row], &SourceErrors::new());
+        assert!(
+            t.contains("  certificate: vmesh/tls/shop (shop.example.com), version 3, expires 2027-01-01T00:00:00Z"),
+            "{t}"
+        );
         assert!(t.starts_with("KIND"), "{t}");
         assert!(t.contains("VirtualService  web   Rejected  1/2"), "{t}");
         assert!(

@@ -34,7 +34,8 @@ pub fn run(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
             };
         }
     }
-    let config = set.snapshot();
+    let mut config = set.snapshot();
+    config.secrets.offline = true;
     let translation = vmesh_translate::translate(&config);
     let mut rejected = 0;
     for (key, report) in &translation.reports {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use vmesh_model::{ObjectKey, Problem, State};
+use vmesh_model::{CertificateInfo, ObjectKey, Problem, State};
 
 /// One object's status: `<prefix>/status/<Kind>/<name>`, and each entry of `/status`'s `objects`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,9 @@ pub struct ObjectStatus {
     pub config_modify_index: Option<u64>,
     #[serde(default)]
     pub proxies: ProxyCount,
+    /// The certificates the object serves (a gateway with TLS): names and expiry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateInfo>,
 }
 
 impl ObjectStatus {
@@ -159,6 +162,7 @@ mod tests {
             serving_version: Some("def".into()),
             config_modify_index: Some(42),
             proxies: ProxyCount { total: 2, acked: 1 },
+            certificates: vec![],
         }
     }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{at_most, MAX_GATEWAY_VIRTUAL_SERVICES, MAX_PROXY_NAMES};
 use crate::problem::{field, index, Problem};
+use crate::tls::{GatewayTls, HttpsRedirect};
 use crate::validate::{check_ip, check_name, Problems};
 
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0";
@@ -30,6 +31,12 @@ pub struct GatewaySpec {
     /// Access logs, one JSON object per request; none when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLog>,
+    /// Terminate TLS with these certificates (chosen by SNI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Box<GatewayTls>>,
+    /// Answer every request with a redirect to HTTPS (a plaintext gateway only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_redirect: Option<HttpsRedirect>,
 }
 
 /// `spec.accessLog`.
@@ -308,6 +315,18 @@ impl GatewaySpec {
         }
         if let Some(log) = &self.access_log {
             log.validate(&field(path, "accessLog"), problems);
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&field(path, "tls"), problems);
+        }
+        if let Some(redirect) = &self.https_redirect {
+            redirect.validate(&field(path, "httpsRedirect"), problems);
+            if self.tls.is_some() {
+                problems.push(Problem::new(
+                    field(path, "httpsRedirect"),
+                    "a gateway with tls serves HTTPS itself; put httpsRedirect on the plaintext gateway",
+                ));
+            }
         }
         if let Some(names) = &self.virtual_services {
             let vs_path = field(path, "virtualServices");

@@ -27,7 +27,9 @@ pub mod limits;
 mod problem;
 mod read;
 pub mod regex;
+mod secret;
 mod store;
+mod tls;
 mod upstream;
 mod validate;
 mod virtual_service;
@@ -44,7 +46,15 @@ pub use gateway::{
 };
 pub use problem::Problem;
 pub use read::read_documents;
+pub use secret::{
+    name_covers, CaBundle, CertificateInfo, KeyPem, SecretEntry, SecretMaterial, Secrets,
+    TlsCertificate,
+};
 pub use store::{Claim, Config, ConfigSet, ObjectReport, ParsedSource, SourceMode, State};
+pub use tls::{
+    is_valid_secret_name, CertificateRef, ClientCertificate, GatewayTls, HttpsRedirect, TlsVersion,
+    UpstreamTls, CIPHER_SUITES, MAX_GATEWAY_CERTIFICATES, MAX_SECRET_NAME_BYTES,
+};
 pub use upstream::{
     is_valid_consul_datacenter, is_valid_consul_service, ConsulDiscovery, Discovery, LoadBalancer,
     StaticDiscovery, StaticHost, UpstreamSpec, DEFAULT_CONNECT_TIMEOUT,

@@ -29,6 +29,7 @@ use crate::catalog::Catalog;
 use crate::document::{parse_multi, parse_single, Document, Object, ObjectKey, Parsed};
 use crate::gateway::GatewaySpec;
 use crate::problem::{index, Problem};
+use crate::secret::{CertificateInfo, Secrets};
 use crate::upstream::UpstreamSpec;
 use crate::virtual_service::VirtualServiceSpec;
 
@@ -78,6 +79,9 @@ pub struct ObjectReport {
     pub serving_last_good: bool,
     /// Version of the spec that is served, if any.
     pub serving_version: Option<String>,
+    /// The certificates it serves (a gateway with TLS), set by the translator.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateInfo>,
 }
 
 impl ObjectReport {
@@ -111,9 +115,26 @@ pub struct Config {
     /// Discovered instances of Consul services, for upstreams with `consul` discovery.
     /// Not config: [`ConfigSet::snapshot`] leaves it empty and the controller sets it.
     pub catalog: Catalog,
+    /// The secrets the config refers to, as read by the controller; not config either.
+    pub secrets: Secrets,
 }
 
 impl Config {
+    /// The names of every secret the served objects refer to.
+    pub fn referenced_secrets(&self) -> std::collections::BTreeSet<String> {
+        let gateways = self
+            .gateways
+            .values()
+            .filter_map(|g| g.tls.as_ref())
+            .flat_map(|tls| tls.secrets());
+        let upstreams = self
+            .upstreams
+            .values()
+            .filter_map(|u| u.tls.as_ref())
+            .map(|tls| tls.ca.as_str());
+        gateways.chain(upstreams).map(str::to_string).collect()
+    }
+
     /// Builds a config from valid objects, all reported `Accepted` under `source`.
     /// Handy for tests and tools; the controller uses [`ConfigSet::snapshot`].
     pub fn from_objects(source: &str, objects: impl IntoIterator<Item = (String, Object)>) -> Self {
@@ -134,6 +155,7 @@ impl Config {
                     version: version.clone(),
                     serving_last_good: false,
                     serving_version: Some(version),
+                    certificates: vec![],
                 },
             );
         }
@@ -427,6 +449,7 @@ impl ConfigSet {
                         source: source.clone(),
                         version: doc.version.clone(),
                         serving_version,
+                        certificates: vec![],
                     },
                 );
             }

@@ -8,6 +8,7 @@ use crate::catalog::{Health, ServiceInstance};
 use crate::duration::Duration;
 use crate::limits::{at_most, MAX_CONSUL_FILTERS, MAX_HOSTS};
 use crate::problem::{field, index, Problem};
+use crate::tls::UpstreamTls;
 use crate::validate::{check_ip, Problems};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +29,9 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub load_balancer: LoadBalancer,
+    /// Connect to the hosts over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Box<UpstreamTls>>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -141,6 +145,9 @@ impl UpstreamSpec {
             problems.push(Problem::new(timeout_path, "must be greater than 0s"));
         } else if self.connect_timeout > MAX_CONNECT_TIMEOUT {
             problems.push(Problem::new(timeout_path, "must be at most 1h"));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&field(path, "tls"), problems);
         }
     }
 }

@@ -210,9 +210,13 @@ fn unknown_fields_are_rejected_with_their_path() {
         "unknown field `zone`",
     );
     assert_problem(
-        set(gateway(), "/spec/tls", json!({})),
-        "spec.tls",
-        "unknown field `tls`",
+        set(
+            gateway(),
+            "/spec/tls",
+            json!({"certificates": [], "ciphers": []}),
+        ),
+        "spec.tls.ciphers",
+        "unknown field `ciphers`",
     );
 }
 

@@ -31,6 +31,7 @@ mod ports;
 pub mod process;
 pub mod relay;
 mod serve;
+pub mod tls;
 pub mod vault;
 
 pub use binary::{current_profile, target_dir, workspace_binary};

@@ -5,14 +5,17 @@
 //!   implementation (a Vault PKI one implements the same trait).
 //! - [`tokens`]: bootstrap tokens, stored only as hashes.
 //! - [`DenyList`]: revoked agents, checked on every stream.
+//! - [`material`]: checks of TLS material (certificate, key, CA bundle) before it is served.
 //! - [`envoy`]: the SDS files a gateway's Envoy reads its xDS client certificate from.
 //!
 //! Pure library: no I/O except [`BuiltinCa::load_or_create`], no async runtime.
 
 mod ca;
 mod deny;
+pub mod dev;
 pub mod envoy;
 mod id;
+pub mod material;
 pub mod tokens;
 
 pub use ca::{

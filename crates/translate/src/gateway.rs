@@ -8,9 +8,17 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::{
     http_protocol_options::HeadersWithUnderscoresAction, Http2ProtocolOptions, HttpProtocolOptions,
 };
-use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    redirect_action::{RedirectResponseCode, SchemeRewriteSpecifier},
+    route,
+    route_match::PathSpecifier,
+    RedirectAction, Route, RouteConfiguration, RouteMatch, VirtualHost,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::{CodecType, PathWithEscapedSlashesAction, RouteSpecifier},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
@@ -24,6 +32,7 @@ use vmesh_xds::{Part, Resource, ResourceRef};
 
 use crate::access_log::access_log;
 use crate::routes::VirtualServiceRoutes;
+use crate::tls::GatewayTlsResources;
 use crate::upstream::{
     socket_address, unavailable_cluster, UpstreamResources, CONNECTION_BUFFER_BYTES,
     UNAVAILABLE_CLUSTER,
@@ -50,6 +59,8 @@ struct GatewayResources {
     /// Config objects behind the route configuration.
     route_origins: BTreeSet<ObjectKey>,
     clusters: BTreeSet<String>,
+    /// The SDS secrets the listener refers to.
+    secrets: Vec<Arc<Resource>>,
 }
 
 pub(crate) fn translate_all(
@@ -95,18 +106,27 @@ pub(crate) fn translate_all(
         if on_proxies.is_empty() {
             continue;
         }
-        let resources =
-            translate_gateway(config, name, spec, virtual_services, reports, &mut served);
+        let Some(resources) =
+            translate_gateway(config, name, spec, virtual_services, reports, &mut served)
+        else {
+            continue;
+        };
         for proxy in on_proxies {
             let Some(out) = proxies.get_mut(proxy.as_str()) else {
                 continue;
             };
             out.insert(&resources.listener, BTreeSet::from([key.clone()]));
+            for secret in &resources.secrets {
+                out.insert(secret, BTreeSet::from([key.clone()]));
+            }
             out.insert(&resources.route_config, resources.route_origins.clone());
             for cluster in &resources.clusters {
                 if let Some(u) = upstreams.get(cluster) {
                     let origin = BTreeSet::from([ObjectKey::upstream(cluster)]);
                     out.insert(&u.cluster, origin.clone());
+                    for secret in &u.secrets {
+                        out.insert(secret, origin.clone());
+                    }
                     out.insert(&u.endpoints, origin);
                 } else if cluster == UNAVAILABLE_CLUSTER {
                     out.insert(
@@ -143,8 +163,15 @@ fn translate_gateway<'c>(
     virtual_services: &BTreeMap<String, VirtualServiceRoutes>,
     reports: &mut Reports,
     served: &mut BTreeSet<&'c str>,
-) -> GatewayResources {
+) -> Option<GatewayResources> {
     let key = ObjectKey::gateway(name);
+    // TLS first: a gateway that cannot serve it serves nothing (the errors say why).
+    let tls = match &spec.tls {
+        Some(tls) => Some(crate::tls::resolve_gateway(&key, tls, &config.secrets, reports).ok()?),
+        None => None,
+    };
+    // (virtual service, host) of every domain served, for the certificate coverage check.
+    let mut served_domains: Vec<(String, String)> = Vec::new();
     let rc_name = route_config_name(name);
 
     // The virtual services this gateway serves, by name.
@@ -220,6 +247,7 @@ fn translate_gateway<'c>(
             } else {
                 domain_owner.insert(lower, vs_name.as_str());
                 domains.push(host.to_string());
+                served_domains.push((vs_name.clone(), host.to_string()));
             }
         }
         if domains.is_empty() {
@@ -228,6 +256,22 @@ fn translate_gateway<'c>(
                 "spec.domains",
                 format!("no domain left on Gateway {name:?}; not served there"),
             );
+            continue;
+        }
+        if let Some(redirect) = &spec.https_redirect {
+            // Every request of the virtual service's domains goes to HTTPS; nothing upstream.
+            virtual_hosts.push(Part::element(
+                vs_key.to_string(),
+                VIRTUAL_HOSTS_FIELD,
+                &VirtualHost {
+                    name: vs_name.clone(),
+                    domains,
+                    routes: vec![https_redirect_route(redirect.port)],
+                    ..Default::default()
+                },
+                vec![],
+            ));
+            route_origins.insert(vs_key);
             continue;
         }
         let Some(translated) = virtual_services.get(vs_name) else {
@@ -270,18 +314,44 @@ fn translate_gateway<'c>(
     virtual_hosts.sort_by(|a, b| a.key.cmp(&b.key));
     parts.extend(virtual_hosts);
 
-    GatewayResources {
+    let mut listener_refs = vec![ResourceRef::new(ROUTE, rc_name.clone())];
+    let mut secrets = Vec::new();
+    if let Some(tls) = &tls {
+        crate::tls::check_coverage(&key, tls, &served_domains, reports);
+        reports.certificates(key.clone(), tls.infos.clone());
+        listener_refs.extend(crate::tls::refs(tls));
+        secrets = tls.secrets.clone();
+    }
+    Some(GatewayResources {
         listener: Arc::new(Resource::new(
             LISTENER,
             listener_name(name),
-            &listener(name, spec, &rc_name),
-            vec![ResourceRef::new(ROUTE, rc_name.clone())],
+            &listener(name, spec, &rc_name, tls.as_ref()),
+            listener_refs,
         )),
         route_config: Arc::new(Resource::from_parts::<RouteConfiguration>(
             ROUTE, rc_name, parts,
         )),
         route_origins,
         clusters,
+        secrets,
+    })
+}
+
+/// A route that sends every request to the same URL over HTTPS, on `port`.
+fn https_redirect_route(port: u16) -> Route {
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Redirect(RedirectAction {
+            scheme_rewrite_specifier: Some(SchemeRewriteSpecifier::HttpsRedirect(true)),
+            port_redirect: u32::from(port),
+            response_code: RedirectResponseCode::MovedPermanently as i32,
+            ..Default::default()
+        })),
+        ..Default::default()
     }
 }
 
@@ -301,7 +371,12 @@ fn secs(s: i64) -> Option<PbDuration> {
 
 /// The connection manager of an edge: Envoy's "Envoy as an edge proxy" guidance
 /// (`docs/configuration.md`, "Hardened defaults", says each value and why).
-fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
+fn listener(
+    name: &str,
+    spec: &GatewaySpec,
+    rc_name: &str,
+    tls: Option<&GatewayTlsResources>,
+) -> Listener {
     let router = HttpFilter {
         name: "envoy.filters.http.router".into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(
@@ -344,19 +419,64 @@ fn listener(name: &str, spec: &GatewaySpec, rc_name: &str) -> Listener {
         http_filters: vec![router],
         ..Default::default()
     };
-    Listener {
+    let filters = vec![Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+    }];
+    let mut listener = Listener {
         name: listener_name(name),
         address: Some(socket_address(&spec.bind_address, spec.bind_port)),
         per_connection_buffer_limit_bytes: Some(UInt32Value {
             value: CONNECTION_BUFFER_BYTES,
         }),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
-            }],
-            ..Default::default()
-        }],
         ..Default::default()
+    };
+    match (tls, &spec.tls) {
+        (Some(resolved), Some(tls_spec)) => {
+            // One filter chain per certificate, chosen by the name the client asks for (SNI,
+            // read by the TLS inspector); the first certificate serves every other client.
+            listener.listener_filters = vec![ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".into(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+                    &TlsInspector::default(),
+                ))),
+                ..Default::default()
+            }];
+            let client_ca = resolved.client_ca.as_deref();
+            for (i, cert) in resolved.certificates.iter().enumerate() {
+                if cert.server_names.is_empty() {
+                    continue;
+                }
+                listener.filter_chains.push(FilterChain {
+                    name: format!("certificate-{i}"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: cert.server_names.clone(),
+                        ..Default::default()
+                    }),
+                    filters: filters.clone(),
+                    transport_socket: Some(crate::tls::downstream_socket(
+                        tls_spec, cert, client_ca,
+                    )),
+                    ..Default::default()
+                });
+            }
+            if let Some(first) = resolved.certificates.first() {
+                listener.default_filter_chain = Some(FilterChain {
+                    name: "default".into(),
+                    filters,
+                    transport_socket: Some(crate::tls::downstream_socket(
+                        tls_spec, first, client_ca,
+                    )),
+                    ..Default::default()
+                });
+            }
+        }
+        _ => {
+            listener.filter_chains = vec![FilterChain {
+                filters,
+                ..Default::default()
+            }];
+        }
     }
+    listener
 }

@@ -25,9 +25,11 @@ mod access_log;
 mod gateway;
 pub mod render;
 mod routes;
+mod tls;
 mod upstream;
 
 pub use gateway::{listener_name, route_config_name};
+pub use tls::{ca_secret_name, certificate_secret_name, redacted_secret, REDACTED};
 pub use upstream::UNAVAILABLE_CLUSTER;
 
 /// What the translator produces.
@@ -93,6 +95,7 @@ impl Reports {
             version: String::new(),
             serving_last_good: false,
             serving_version: None,
+            certificates: vec![],
         })
     }
 
@@ -120,6 +123,15 @@ impl Reports {
         if !report.errors.contains(&problem) {
             report.add_error(problem);
         }
+    }
+
+    /// The certificates a gateway serves, for its status.
+    pub(crate) fn certificates(
+        &mut self,
+        key: ObjectKey,
+        infos: Vec<vmesh_model::CertificateInfo>,
+    ) {
+        self.entry(key).certificates = infos;
     }
 
     /// Why an object of `key` is not in the effective config.

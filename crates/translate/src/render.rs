@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use prost::Message;
-use vmesh_xds::resource::{short_type, CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE};
+use vmesh_xds::resource::{short_type, CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET};
 use vmesh_xds::Resource;
 
 use crate::{ProxyOutput, Translation};
@@ -103,6 +103,8 @@ fn render_body(resource: &Resource) -> String {
             }
             text
         }),
+        SECRET => Ok(crate::tls::redacted_secret(bytes)
+            .map_or_else(|| "undecodable Secret".to_string(), |m| format!("{m:#?}"))),
         _ => Ok(format!("{} bytes", bytes.len())),
     };
     let text = text.unwrap_or_else(|e| format!("undecodable: {e}"));

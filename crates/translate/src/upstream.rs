@@ -24,7 +24,7 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 use vmesh_model::{
     Catalog, Config, ConsulDiscovery, Discovery, LoadBalancer, ObjectKey, UpstreamSpec,
 };
-use vmesh_xds::resource::{CLUSTER, ENDPOINT};
+use vmesh_xds::resource::{CLUSTER, ENDPOINT, SECRET};
 use vmesh_xds::{Resource, ResourceRef};
 
 use crate::{ads_config_source, pb_duration, Reports};
@@ -37,6 +37,8 @@ pub(crate) const CONNECTION_BUFFER_BYTES: u32 = 32 * 1024;
 pub(crate) struct UpstreamResources {
     pub cluster: Arc<Resource>,
     pub endpoints: Arc<Resource>,
+    /// The SDS secrets the cluster refers to (the CA of an upstream with TLS).
+    pub secrets: Vec<Arc<Resource>>,
 }
 
 /// Every upstream of the effective config, by name.
@@ -50,7 +52,7 @@ pub(crate) fn translate_all(
         .map(|(name, spec)| {
             (
                 name.clone(),
-                translate_upstream(name, spec, &config.catalog, reports),
+                translate_upstream(name, spec, config, reports),
             )
         })
         .collect()
@@ -59,9 +61,18 @@ pub(crate) fn translate_all(
 pub(crate) fn translate_upstream(
     name: &str,
     spec: &UpstreamSpec,
-    catalog: &Catalog,
+    config: &Config,
     reports: &mut Reports,
 ) -> UpstreamResources {
+    let catalog = &config.catalog;
+    // TLS to the hosts, or, when it cannot be verified, no hosts at all: never plaintext
+    // instead.
+    let tls = spec
+        .tls
+        .as_ref()
+        .map(|tls| crate::tls::upstream(&ObjectKey::upstream(name), tls, &config.secrets, reports));
+    let mut secrets = Vec::new();
+    let mut cluster_refs = vec![ResourceRef::new(ENDPOINT, name)];
     let lb_policy = match spec.load_balancer {
         LoadBalancer::RoundRobin => LbPolicy::RoundRobin,
         LoadBalancer::LeastRequest => LbPolicy::LeastRequest,
@@ -81,6 +92,12 @@ pub(crate) fn translate_upstream(
         }),
         ..Default::default()
     };
+    let mut cluster = cluster;
+    if let Some(Some((socket, ca))) = &tls {
+        cluster.transport_socket = Some(socket.clone());
+        cluster_refs.push(ResourceRef::new(SECRET, ca.name.clone()));
+        secrets.push(ca.clone());
+    }
     let lb_endpoints = match spec.discovery() {
         Some(Discovery::Static(s)) => s
             .hosts
@@ -96,6 +113,11 @@ pub(crate) fn translate_upstream(
             .collect(),
         Some(Discovery::Consul(c)) => consul_endpoints(name, c, catalog, reports),
         None => vec![],
+    };
+    let lb_endpoints = if matches!(tls, Some(None)) {
+        vec![]
+    } else {
+        lb_endpoints
     };
     // A consul upstream without instances gets no locality at all: Envoy then answers
     // 503 "no healthy upstream".
@@ -113,13 +135,9 @@ pub(crate) fn translate_upstream(
         ..Default::default()
     };
     UpstreamResources {
-        cluster: Arc::new(Resource::new(
-            CLUSTER,
-            name,
-            &cluster,
-            vec![ResourceRef::new(ENDPOINT, name)],
-        )),
+        cluster: Arc::new(Resource::new(CLUSTER, name, &cluster, cluster_refs)),
         endpoints: Arc::new(Resource::new(ENDPOINT, name, &assignment, vec![])),
+        secrets,
     }
 }
 

@@ -8,9 +8,17 @@
 //! - never puts a token in an error, a log line or a `Debug` form.
 //!
 //! `VAULT_CACERT`, `VAULT_CAPATH` and `VAULT_SKIP_VERIFY` are read by `vaultrs`; the address, the
-//! namespace and the login are [`Settings`], which the controller's flags (and `VAULT_ADDR`,
-//! `VAULT_TOKEN`, `VAULT_NAMESPACE`) will fill when it uses this. Nothing in vmesh uses it yet:
-//! the flags, the secret watcher, TLS over SDS and the PKI CA provider come next.
+//! namespace, the login and the request timeout are [`Settings`], which the controller's flags
+//! ([`VaultFlags`], with `VAULT_ADDR`, `VAULT_TOKEN`, `VAULT_NAMESPACE`) fill.
+//!
+//! A Vault that cannot be reached at start is not fatal: [`Vault::new`] logs in nowhere, and
+//! [`Vault::maintain`] logs in (and again, with backoff, until it works), renews, and logs in
+//! again when a token file changes.
+
+#[cfg(feature = "clap")]
+mod flags;
+#[cfg(feature = "clap")]
+pub use flags::VaultFlags;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,7 +69,12 @@ pub struct Settings {
     pub address: String,
     pub namespace: Option<String>,
     pub login: Login,
+    /// How long one request may take.
+    pub timeout: Duration,
 }
+
+/// The request timeout when none is given.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -81,6 +94,10 @@ struct Held {
     ttl: Duration,
     renewable: bool,
     obtained: Instant,
+    /// Why the last login failed, while no login has worked since.
+    login_error: Option<String>,
+    /// The token file's modification time when it was read.
+    file_modified: Option<std::time::SystemTime>,
 }
 
 pub struct Vault {
@@ -126,10 +143,20 @@ fn read_secret_file(path: &PathBuf) -> Result<Token, VaultError> {
 impl Vault {
     /// Logs in and learns the token's TTL.
     pub async fn connect(settings: Settings) -> Result<Vault, VaultError> {
+        let vault = Vault::new(settings)?;
+        vault.login().await?;
+        Ok(vault)
+    }
+
+    /// A client that has not logged in yet ([`Vault::maintain`] does).
+    pub fn new(settings: Settings) -> Result<Vault, VaultError> {
         // vaultrs' HTTP client uses the process's rustls provider; vmesh's is ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = VaultClientSettingsBuilder::default();
-        builder.address(&settings.address).token("");
+        builder
+            .address(&settings.address)
+            .token("")
+            .timeout(Some(settings.timeout));
         if let Some(ns) = &settings.namespace {
             builder.namespace(Some(ns.clone()));
         }
@@ -146,14 +173,43 @@ impl Vault {
                 ttl: Duration::ZERO,
                 renewable: false,
                 obtained: Instant::now(),
+                login_error: Some("not logged in yet".into()),
+                file_modified: None,
             }),
         };
-        vault.login().await?;
         Ok(vault)
+    }
+
+    pub fn address(&self) -> &str {
+        &self.settings.address
+    }
+
+    /// `Err` with the reason while the client has no token that worked.
+    pub async fn logged_in(&self) -> Result<(), String> {
+        match &self.held.read().await.login_error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn token_file_modified(&self) -> Option<std::time::SystemTime> {
+        match &self.settings.login {
+            Login::TokenFile(path) => std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+            _ => None,
+        }
     }
 
     /// Gets a token the way the settings say, and learns its TTL.
     async fn login(&self) -> Result<(), VaultError> {
+        let result = self.try_login().await;
+        if let Err(e) = &result {
+            self.held.write().await.login_error = Some(e.to_string());
+        }
+        result
+    }
+
+    async fn try_login(&self) -> Result<(), VaultError> {
+        let file_modified = self.token_file_modified();
         let token = match &self.settings.login {
             Login::Token(t) => t.clone(),
             Login::TokenFile(path) => read_secret_file(path)?,
@@ -184,6 +240,8 @@ impl Vault {
             ttl: Duration::from_secs(lookup.ttl),
             renewable: lookup.renewable.unwrap_or(false),
             obtained: Instant::now(),
+            login_error: None,
+            file_modified,
         };
         info!(
             ttl_s = lookup.ttl,
@@ -229,16 +287,52 @@ impl Vault {
         self.login().await
     }
 
-    /// Keeps the token renewed until the future is dropped.
+    /// Logs in (until it works), keeps the token renewed, and logs in again when the token
+    /// file changes, until the future is dropped.
     pub async fn maintain(&self) {
+        // A token file is looked at this often for a new token.
+        const FILE_CHECK: Duration = Duration::from_secs(2);
+        let mut backoff =
+            vmesh_retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
-            let Some(wait) = self.renew_in().await else {
-                return;
+            if self.logged_in().await.is_err() {
+                match self.login().await {
+                    Ok(()) => backoff.reset(),
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot log in to Vault");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                continue;
+            }
+            let renew_in = self.renew_in().await;
+            let file = matches!(self.settings.login, Login::TokenFile(_));
+            let wait = match (renew_in, file) {
+                (Some(w), true) => w.min(FILE_CHECK),
+                (Some(w), false) => w,
+                (None, true) => FILE_CHECK,
+                (None, false) => Duration::from_secs(3600),
             };
-            tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
-            if let Err(e) = self.renew_or_login().await {
-                warn!(error = %e, "cannot renew the Vault token; trying again in 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            if file {
+                let read_at = self.held.read().await.file_modified;
+                if self.token_file_modified() != read_at {
+                    info!("the Vault token file changed; logging in with the new token");
+                    if let Err(e) = self.login().await {
+                        warn!(error = %e, "cannot log in with the new Vault token");
+                    }
+                    continue;
+                }
+            }
+            if self.renew_in().await.is_some_and(|w| w.is_zero()) {
+                if let Err(e) = self.renew_or_login().await {
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot renew the Vault token");
+                    tokio::time::sleep(wait).await;
+                } else {
+                    backoff.reset();
+                }
             }
         }
     }
@@ -251,6 +345,20 @@ impl Vault {
             .await
             .map(|m| m.current_version)
             .map_err(|e| classify(e, &format!("{mount}/metadata/{path}"), &token))
+    }
+
+    /// A KV v2 secret's keys and values at `version`.
+    pub async fn kv2_read_version(
+        &self,
+        mount: &str,
+        path: &str,
+        version: u64,
+    ) -> Result<BTreeMap<String, String>, VaultError> {
+        let token = self.held.read().await.token.clone();
+        let client = self.client.read().await;
+        vaultrs::kv2::read_version(&*client, mount, path, version)
+            .await
+            .map_err(|e| classify(e, &format!("{mount}/data/{path}"), &token))
     }
 
     /// A KV v2 secret's keys and values at its current version, and that version.

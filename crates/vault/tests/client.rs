@@ -27,6 +27,7 @@ fn settings(vault: &VaultEmulator, login: Login) -> Settings {
         address: vault.url(),
         namespace: None,
         login,
+        timeout: vmesh_vault::DEFAULT_TIMEOUT,
     }
 }
 
