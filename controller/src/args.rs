@@ -164,6 +164,16 @@ pub struct Args {
     #[arg(long, env = "VMESH_VAULT_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub vault_poll_interval: Duration,
 
+    /// Use Vault PKI as the mesh CA: the mount whose `sign/<role>` signs agent and controller
+    /// certificates (instead of the built-in CA or --ca-cert). Needs Vault and the relay.
+    #[arg(long, env = "VMESH_VAULT_PKI_MOUNT", conflicts_with_all = ["ca_cert", "ca_key"])]
+    pub vault_pki_mount: Option<String>,
+
+    /// The Vault PKI role that signs: it must allow URI SANs `spiffe://<trust-domain>/*` without a
+    /// common name, and the name `vmesh-controller`.
+    #[arg(long, env = "VMESH_VAULT_PKI_ROLE", default_value = "vmesh")]
+    pub vault_pki_role: String,
+
     #[command(flatten)]
     pub logging: vmesh_runtime::LogFlags,
 }

@@ -19,6 +19,7 @@ mod source;
 mod status;
 mod status_kv;
 mod tls;
+mod vault_ca;
 mod xds_access;
 
 use std::sync::Arc;
@@ -70,18 +71,25 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
         metrics.clone(),
         readiness.component("index"),
     );
-    // Secrets: from Vault when it is configured, from the secrets directory otherwise.
-    let backend = match args.vault.settings().map_err(anyhow::Error::msg)? {
+    // Vault, when configured: its token is kept renewed by a task of its own.
+    let vault = match args.vault.settings().map_err(anyhow::Error::msg)? {
         Some(settings) => {
-            info!(vault = %settings.address, mount = %args.vault_kv_mount, "reading secrets from Vault");
             let vault = Arc::new(vmesh_vault::Vault::new(settings).context("Vault")?);
             let maintained = vault.clone();
             tasks.spawn("vault-token", async move {
                 maintained.maintain().await;
                 Ok(())
             });
+            Some(vault)
+        }
+        None => None,
+    };
+    // Secrets: from Vault when it is configured, from the secrets directory otherwise.
+    let backend = match &vault {
+        Some(vault) => {
+            info!(vault = %vault.address(), mount = %args.vault_kv_mount, "reading secrets from Vault");
             secrets::Backend::Vault(secrets::vault::VaultBackend::new(
-                vault,
+                vault.clone(),
                 args.vault_kv_mount.clone(),
                 args.vault_poll_interval,
             ))
@@ -133,12 +141,31 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
             let (leader_tx, leader) = watch::channel(false);
             let (session_tx, session) = watch::channel(None);
             if let Some(addr) = args.relay_addr {
-                let ca: Arc<dyn CertificateAuthority> = Arc::new(tls::load_ca(
-                    args.ca_cert.as_deref(),
-                    args.ca_key.as_deref(),
-                    args.data_dir.as_deref(),
-                    &args.trust_domain,
-                )?);
+                let ca: Arc<dyn CertificateAuthority> = match (&args.vault_pki_mount, &vault) {
+                    (Some(mount), Some(vault)) => {
+                        let ca = Arc::new(
+                            vault_ca::VaultCa::start(
+                                vault.clone(),
+                                mount.clone(),
+                                args.vault_pki_role.clone(),
+                                args.trust_domain.clone(),
+                                Duration::from_secs(30),
+                            )
+                            .await?,
+                        );
+                        tasks.spawn("vault-ca", ca.clone().watch_rotation(tasks.shutdown()));
+                        ca
+                    }
+                    (Some(_), None) => anyhow::bail!(
+                        "--vault-pki-mount needs Vault: set --vault-addr (VAULT_ADDR) and a way to log in"
+                    ),
+                    (None, _) => Arc::new(tls::load_ca(
+                        args.ca_cert.as_deref(),
+                        args.ca_key.as_deref(),
+                        args.data_dir.as_deref(),
+                        &args.trust_domain,
+                    )?),
+                };
                 let server_cert = Arc::new(
                     tls::ServerCert::issue(ca.as_ref(), &[], args.agent_cert_ttl)
                         .context("cannot issue the controller's server certificate")?,
@@ -253,11 +280,8 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
             });
             let ads =
                 AdsServer::with_authorizer(snapshots, connections.clone(), observer, authorizer);
-            let config = tls::server_config(
-                server_cert.clone(),
-                &ca.trust_bundle_pem(),
-                tls::ClientCert::Required,
-            )?;
+            let config =
+                tls::server_config(server_cert.clone(), ca.clone(), tls::ClientCert::Required)?;
             let incoming = tls::incoming(xds_acceptor, config, refusals);
             let xds = xds_server
                 .add_service(

@@ -23,6 +23,7 @@ use anyhow::Context as _;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
@@ -198,13 +199,11 @@ pub enum ClientCert {
     Required,
 }
 
-/// A listener's TLS configuration: our certificate, and client certificates verified against
-/// `trust_bundle_pem`.
-pub fn server_config(
-    cert: Arc<ServerCert>,
+/// A client certificate verifier over `trust_bundle_pem`.
+fn webpki_verifier(
     trust_bundle_pem: &str,
     client: ClientCert,
-) -> anyhow::Result<rustls::ServerConfig> {
+) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(trust_bundle_pem.as_bytes()) {
         let der = der.map_err(|e| anyhow::anyhow!("trust bundle: {e}"))?;
@@ -213,10 +212,115 @@ pub fn server_config(
             .map_err(|e| anyhow::anyhow!("trust bundle: {e}"))?;
     }
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-    let verifier = match client {
+    Ok(match client {
         ClientCert::Optional => builder.allow_unauthenticated().build()?,
         ClientCert::Required => builder.build()?,
-    };
+    })
+}
+
+/// Verifies client certificates against the CA's trust bundle as it is at each handshake: when
+/// a CA rotates (Vault PKI), certificates of the old and the new CA both verify without a
+/// restart.
+struct CurrentBundleVerifier {
+    ca: Arc<dyn CertificateAuthority>,
+    client: ClientCert,
+    /// The bundle the verifier was built from, and the verifier.
+    current: RwLock<(String, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl std::fmt::Debug for CurrentBundleVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurrentBundleVerifier")
+            .finish_non_exhaustive()
+    }
+}
+
+impl CurrentBundleVerifier {
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        let bundle = self.ca.trust_bundle_pem();
+        {
+            let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+            if current.0 == bundle {
+                return current.1.clone();
+            }
+        }
+        match webpki_verifier(&bundle, self.client) {
+            Ok(v) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = (bundle, v.clone());
+                v
+            }
+            Err(e) => {
+                warn!(error = %e, "the CA's new trust bundle is unusable; verifying against the last one");
+                self.current
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .1
+                    .clone()
+            }
+        }
+    }
+}
+
+impl ClientCertVerifier for CurrentBundleVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.client == ClientCert::Required
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // Hints are optional; clients here have one certificate to offer.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
+/// A listener's TLS configuration: our certificate, and client certificates verified against
+/// the CA's trust bundle as it is at each handshake.
+pub fn server_config(
+    cert: Arc<ServerCert>,
+    ca: Arc<dyn CertificateAuthority>,
+    client: ClientCert,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let first = webpki_verifier(&ca.trust_bundle_pem(), client)?;
+    let verifier = Arc::new(CurrentBundleVerifier {
+        current: RwLock::new((ca.trust_bundle_pem(), first)),
+        ca,
+        client,
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -7,8 +7,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::vm::{create_token, route_to_consul_service, RelayController, Vm};
@@ -78,61 +76,13 @@ fn wait_serving(port: u16, expected: &[&str]) {
 }
 
 /// Requests sent continuously through Envoy while a scenario runs, counting failures.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Traffic {
-    fn start(port: u16) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-        let thread = std::thread::spawn(move || {
-            let mut failures = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                match get(port, "/", &[]) {
-                    Ok(r) if r.status == 200 => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        failures.push(format!("{:?}", other.map(|r| r.status)));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            failures
-        });
-        Traffic {
-            stop,
-            ok,
-            failed,
-            thread: Some(thread),
+fn traffic(port: u16) -> Traffic {
+    Traffic::start(Duration::from_millis(5), move || {
+        match get(port, "/", &[]) {
+            Ok(r) if r.status == 200 => Ok(()),
+            other => Err(format!("{:?}", other.map(|r| r.status))),
         }
-    }
-
-    /// Waits until `n` more requests have succeeded.
-    fn wait_for(&self, n: u64) {
-        let target = self.ok.load(Ordering::Relaxed) + n;
-        eventually(DEADLINE, &format!("{n} more successful requests"), || {
-            let ok = self.ok.load(Ordering::Relaxed);
-            (ok >= target)
-                .then_some(())
-                .ok_or(format!("{ok} of {target}"))
-        });
-    }
-
-    /// Stops and returns (succeeded, the failures).
-    fn finish(mut self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let failures = self.thread.take().unwrap().join().unwrap();
-        assert_eq!(failures.len() as u64, self.failed.load(Ordering::Relaxed));
-        (self.ok.load(Ordering::Relaxed), failures)
-    }
+    })
 }
 
 #[test]
@@ -234,7 +184,7 @@ fn a_restarted_controller_resyncs_the_agents_and_envoy_never_loses_endpoints() {
     let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-31", "web@vm-32"]);
 
-    let traffic = Traffic::start(port);
+    let traffic = traffic(port);
     traffic.wait_for(20);
     relay.controller.restart();
     eventually(DEADLINE, "both agents to reconnect", || {
@@ -272,7 +222,7 @@ fn certificate_renewal_drops_no_stream_and_no_request() {
     let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_serving(port, &["web@vm-41"]);
 
-    let traffic = Traffic::start(port);
+    let traffic = traffic(port);
     eventually(Duration::from_secs(30), "three renewals", || {
         let n = relay.metric("vmesh_relay_renewals_total", "");
         (n >= 3.0).then_some(()).ok_or(format!("{n} renewals"))
@@ -422,7 +372,7 @@ fn a_restarting_local_consul_agent_or_vmesh_agent_loses_no_endpoint() {
     wait_serving(port, &["web@vm-61"]);
 
     // The VM's Consul agent goes down: the vmesh agent keeps reporting what it last read.
-    let traffic = Traffic::start(port);
+    let traffic = traffic(port);
     web.vm.consul.stop();
     eventually(
         DEADLINE,

@@ -9,8 +9,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -91,55 +89,14 @@ fn gateway_status(c: &Controller) -> Value {
         .expect("Gateway/https has a status")
 }
 
-/// Requests `name` over HTTPS in a loop until stopped; counts requests and failures.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Traffic {
-    fn start(port: u16, name: &'static str, ca_pem: String) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-        let thread = std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                match https_get(port, name, "/", &ca_pem) {
-                    Ok(r) if r.status == 200 => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        errors.push(format!("status {}", r.status));
-                    }
-                    Err(e) => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        errors.push(e);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            errors
-        });
-        Traffic {
-            stop,
-            ok,
-            failed,
-            thread: Some(thread),
+/// HTTPS requests to `name` every 10 ms while a scenario runs, counting failures.
+fn traffic(port: u16, name: &'static str, ca_pem: String) -> Traffic {
+    Traffic::start(Duration::from_millis(10), move || {
+        match https_get(port, name, "/", &ca_pem)? {
+            r if r.status == 200 => Ok(()),
+            r => Err(format!("status {}", r.status)),
         }
-    }
-
-    /// Stops the loop; returns (requests that succeeded, failures with their errors).
-    fn stop(mut self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = self.thread.take().unwrap().join().unwrap();
-        assert_eq!(self.failed.load(Ordering::Relaxed) as usize, errors.len());
-        (self.ok.load(Ordering::Relaxed), errors)
-    }
+    })
 }
 
 #[test]
@@ -189,17 +146,13 @@ fn https_from_a_secrets_directory_two_names_on_one_port_redirect_rotation_and_a_
     // Rotation under traffic: the new certificate is served, no request fails. The files are
     // replaced one at a time, so for a moment the key does not match the certificate: that
     // version is never served.
-    let traffic = Traffic::start(https, SHOP, ca.pem().to_string());
-    eventually(DEADLINE, "traffic flowing", || {
-        (traffic.ok.load(Ordering::Relaxed) > 5)
-            .then_some(())
-            .ok_or("no request yet".to_string())
-    });
+    let traffic = traffic(https, SHOP, ca.pem().to_string());
+    traffic.wait_for(5);
     let shop2 = ca.issue(&[SHOP], 90);
     write_secret(&secrets, "vmesh/tls/shop", &[("cert", &shop2.cert_pem)]);
     write_secret(&secrets, "vmesh/tls/shop", &[("key", &shop2.key_pem)]);
     wait_certificate(https, SHOP, &ca, &shop2);
-    let (ok, errors) = traffic.stop();
+    let (ok, errors) = traffic.finish();
     assert!(ok > 5, "only {ok} requests");
     assert!(
         errors.is_empty(),
@@ -386,7 +339,7 @@ fn https_from_vault_rotation_vault_stopped_and_no_token_anywhere() {
     wait_certificate(https, API, &ca, &api);
 
     // Rotation in Vault, under traffic.
-    let traffic = Traffic::start(https, SHOP, ca.pem().to_string());
+    let traffic = traffic(https, SHOP, ca.pem().to_string());
     let shop2 = ca.issue(&[SHOP], 90);
     vault.put("vmesh/tls/shop", &cert_fields(&shop2));
     wait_certificate(https, SHOP, &ca, &shop2);
@@ -412,7 +365,7 @@ fn https_from_vault_rotation_vault_stopped_and_no_token_anywhere() {
         let up = c.metric("vmesh_secret_source_up", "");
         (up == Some(1.0)).then_some(()).ok_or(format!("{up:?}"))
     });
-    let (ok, errors) = traffic.stop();
+    let (ok, errors) = traffic.finish();
     assert!(ok > 5, "only {ok} requests");
     assert!(
         errors.is_empty(),

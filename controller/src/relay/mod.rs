@@ -126,7 +126,7 @@ impl Relay {
         readiness: &Readiness,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Relay> {
-        let config = tls::server_config(server_cert, &ca.trust_bundle_pem(), ClientCert::Optional)?;
+        let config = tls::server_config(server_cert, ca.clone(), ClientCert::Optional)?;
 
         let state = HubState::new(&replica.id, settings.grace, settings.warmup);
         let hub = Arc::new(Hub::new(state, metrics.clone()));

@@ -210,3 +210,71 @@ pub fn upstream_doc(name: &str, port: u16) -> String {
 pub fn gateway_doc(port: u16, proxy: &str) -> String {
     format!("kind: Gateway\nname: edge\nspec:\n  bindPort: {port}\n  proxyNames: [{proxy}]\n")
 }
+
+/// Requests sent continuously while a scenario runs (`send` is one request: `Ok` when it
+/// succeeded), counting the ones that succeed and keeping the failures.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Traffic {
+    /// Calls `send` every `pause` until [`Traffic::finish`].
+    pub fn start(
+        pause: Duration,
+        send: impl Fn() -> Result<(), String> + Send + 'static,
+    ) -> Traffic {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let (s, o) = (stop.clone(), ok.clone());
+        let thread = std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match send() {
+                    Ok(()) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(e),
+                }
+                std::thread::sleep(pause);
+            }
+            failures
+        });
+        Traffic {
+            stop,
+            ok,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many requests succeeded so far.
+    pub fn succeeded(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have succeeded.
+    #[track_caller]
+    pub fn wait_for(&self, n: u64) {
+        let target = self.succeeded() + n;
+        eventually(DEADLINE, &format!("{n} more successful requests"), || {
+            let ok = self.succeeded();
+            (ok >= target)
+                .then_some(())
+                .ok_or(format!("{ok} of {target}"))
+        });
+    }
+
+    /// Stops and returns (succeeded, the failures).
+    pub fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let failures = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("the traffic thread"))
+            .unwrap_or_default();
+        (self.succeeded(), failures)
+    }
+}

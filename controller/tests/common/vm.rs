@@ -29,6 +29,16 @@ pub struct RelayController {
 
 impl RelayController {
     pub fn start(consul: &ConsulEmulator, extra: &[&str]) -> RelayController {
+        Self::start_with_ca_file(consul, extra, None)
+    }
+
+    /// [`RelayController::start`] with a CA that is neither built in nor `--ca-cert` (Vault
+    /// PKI): `ca_file` is its certificate, what agents are given.
+    pub fn start_with_ca_file(
+        consul: &ConsulEmulator,
+        extra: &[&str],
+        ca_file: Option<PathBuf>,
+    ) -> RelayController {
         let relay_port = free_port();
         let data_dir = std::env::temp_dir().join(format!(
             "vmesh-e2e-relay-{}-{relay_port}",
@@ -49,11 +59,13 @@ impl RelayController {
         let controller = Controller::consul_unready(&consul.url(), &args);
         // Ready means config and discovery are served; with no agents registered the warm-up
         // may still run, so wait for the relay's certificate instead.
-        let ca_cert = extra
-            .iter()
-            .position(|a| *a == "--ca-cert")
-            .and_then(|i| extra.get(i + 1))
-            .map_or_else(|| data_dir.join("ca").join("ca.pem"), PathBuf::from);
+        let ca_cert = ca_file.unwrap_or_else(|| {
+            extra
+                .iter()
+                .position(|a| *a == "--ca-cert")
+                .and_then(|i| extra.get(i + 1))
+                .map_or_else(|| data_dir.join("ca").join("ca.pem"), PathBuf::from)
+        });
         let r = RelayController {
             controller,
             relay_port,

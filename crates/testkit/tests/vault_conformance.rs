@@ -431,6 +431,12 @@ fn pki_signs_a_csr_within_what_its_role_allows() {
         "{}",
         r.body
     );
+    // ... nor as JSON, the same certificate.
+    let r = t.call("GET", "pki/cert/ca", None, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let json: Value = serde_json::from_str(&r.body).unwrap();
+    let pem = json["data"]["certificate"].as_str().unwrap_or_default();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{}", r.body);
 
     // issue/<role> makes the key too.
     let r = t.root(

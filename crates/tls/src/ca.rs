@@ -532,14 +532,23 @@ pub(crate) fn colon_hex(bytes: &[u8]) -> String {
 }
 
 fn der_to_pem(der: &[u8]) -> String {
+    pem_block("CERTIFICATE", der)
+}
+
+/// A CSR in PEM (`CERTIFICATE REQUEST`), as Vault's `sign` takes it.
+pub fn csr_to_pem(csr_der: &[u8]) -> String {
+    pem_block("CERTIFICATE REQUEST", csr_der)
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    let mut out = format!("-----BEGIN {label}-----\n");
     for line in b64.as_bytes().chunks(64) {
         out.push_str(std::str::from_utf8(line).unwrap_or_default());
         out.push('\n');
     }
-    out.push_str("-----END CERTIFICATE-----\n");
+    out.push_str(&format!("-----END {label}-----\n"));
     out
 }
 

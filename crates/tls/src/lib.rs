@@ -19,8 +19,8 @@ pub mod material;
 pub mod tokens;
 
 pub use ca::{
-    certificate_not_after, certificate_serial, certificates_to_pem, check_csr, new_key_and_csr,
-    BuiltinCa, CaError, CertificateAuthority, IssuedCertificate, PrivateKeyPem,
+    certificate_not_after, certificate_serial, certificates_to_pem, check_csr, csr_to_pem,
+    new_key_and_csr, BuiltinCa, CaError, CertificateAuthority, IssuedCertificate, PrivateKeyPem,
     CONTROLLER_SERVER_NAME, DEFAULT_LEAF_TTL,
 };
 pub use deny::DenyList;

@@ -88,6 +88,24 @@ pub enum VaultError {
     Login(String),
 }
 
+/// A certificate to sign with Vault PKI.
+#[derive(Clone, Debug, Default)]
+pub struct SignRequest {
+    pub csr_pem: String,
+    /// Empty when the role does not require one (`require_cn = false`).
+    pub common_name: String,
+    pub alt_names: Vec<String>,
+    pub uri_sans: Vec<String>,
+    pub ttl: Duration,
+}
+
+/// What Vault PKI signed: the certificate, then the CA chain Vault returned, in PEM.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub chain_pem: Vec<String>,
+    pub serial: String,
+}
+
 /// What the client knows of its token.
 struct Held {
     token: Token,
@@ -359,6 +377,53 @@ impl Vault {
         vaultrs::kv2::read_version(&*client, mount, path, version)
             .await
             .map_err(|e| classify(e, &format!("{mount}/data/{path}"), &token))
+    }
+
+    /// The CA certificate (PEM) of the PKI engine at `mount` (`GET <mount>/cert/ca`).
+    pub async fn pki_ca_pem(&self, mount: &str) -> Result<String, VaultError> {
+        let token = self.held.read().await.token.clone();
+        let client = self.client.read().await;
+        vaultrs::pki::cert::read(&*client, mount, "ca")
+            .await
+            .map(|r| r.certificate)
+            .map_err(|e| classify(e, &format!("{mount}/cert/ca"), &token))
+    }
+
+    /// Signs a CSR (PEM) with the PKI engine at `mount` as `role` allows
+    /// (`POST <mount>/sign/<role>`).
+    pub async fn pki_sign(
+        &self,
+        mount: &str,
+        role: &str,
+        request: &SignRequest,
+    ) -> Result<Signed, VaultError> {
+        let token = self.held.read().await.token.clone();
+        let client = self.client.read().await;
+        let mut opts = vaultrs::api::pki::requests::SignCertificateRequest::builder();
+        if !request.alt_names.is_empty() {
+            opts.alt_names(request.alt_names.join(","));
+        }
+        if !request.uri_sans.is_empty() {
+            opts.uri_sans(request.uri_sans.join(","));
+        }
+        opts.ttl(format!("{}s", request.ttl.as_secs()));
+        opts.exclude_cn_from_sans(false);
+        let response = vaultrs::pki::cert::ca::sign(
+            &*client,
+            mount,
+            role,
+            &request.csr_pem,
+            &request.common_name,
+            Some(&mut opts),
+        )
+        .await
+        .map_err(|e| classify(e, &format!("{mount}/sign/{role}"), &token))?;
+        let mut chain = vec![response.certificate];
+        chain.extend(response.ca_chain.unwrap_or_default());
+        Ok(Signed {
+            chain_pem: chain,
+            serial: response.serial_number,
+        })
     }
 
     /// A KV v2 secret's keys and values at its current version, and that version.

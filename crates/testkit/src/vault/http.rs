@@ -167,6 +167,17 @@ async fn handle(AxState(sh): AxState<Arc<Shared>>, req: Request) -> Response {
         )
             .into_response();
     }
+    // The CA certificate as JSON (`vault read pki/cert/ca`), also without a token.
+    if method_is(&parts.method, "GET") && path == "pki/cert/ca" {
+        let pem = sh.lock().pki.as_ref().map(|p| p.ca_pem().to_string());
+        return match pem {
+            Some(pem) => ok(
+                json!({"certificate": pem.trim_end(), "revocation_time": 0}),
+                "pki",
+            ),
+            None => errors(StatusCode::NOT_FOUND, &[]),
+        };
+    }
     if path == "auth/approle/login" {
         return match body_json(&body) {
             Ok(b) => approle_login(&mut sh.lock(), &b),
