@@ -2,8 +2,9 @@
 //!
 //! 1. **Rotation**: a certificate replaced in Vault KV v2 → Envoy serving it (the time from the
 //!    write to the first TLS handshake that presents it), at the default poll interval (10 s)
-//!    and, in the same run, at 1 s; with HTTPS requests sent every 10 ms throughout, counting
-//!    the ones that fail.
+//!    and, in the same run, at 1 s; each write comes a random time (uniform over one interval)
+//!    after the last one was served; HTTPS requests go every 10 ms throughout, and the ones that
+//!    fail are counted.
 //! 2. **Vault load**: requests per second the controller sends Vault with 1,000 secrets referred
 //!    to (1,000 Upstreams with `tls.ca`), at the default interval.
 //!
@@ -107,6 +108,7 @@ impl Traffic {
 fn rotations(
     label: &'static str,
     interval: Option<&str>,
+    period: Duration,
     rotations: usize,
     vault: &VaultEmulator,
     ca: &TestCa,
@@ -145,7 +147,8 @@ fn rotations(
         std::thread::sleep(Duration::from_millis(20));
     }
     let traffic = Traffic::start(port, ca.pem().to_string());
-    let mut gaps = Gaps::new(Duration::from_secs(1));
+    // Writes land at random points of the poll period, as an operator's would.
+    let mut gaps = Gaps::new(period);
     let mut samples = Vec::new();
     for i in 0..rotations {
         gaps.pause();
@@ -216,12 +219,19 @@ fn main() {
     let (default, ok_d, failed_d) = rotations(
         "rotation → served, poll 10s (default)",
         None,
+        Duration::from_secs(10),
         n,
         &vault,
         &ca,
     );
-    let (fast, ok_f, failed_f) =
-        rotations("rotation → served, poll 1s", Some("1s"), n, &vault, &ca);
+    let (fast, ok_f, failed_f) = rotations(
+        "rotation → served, poll 1s",
+        Some("1s"),
+        Duration::from_secs(1),
+        n,
+        &vault,
+        &ca,
+    );
     let (startup, rate) = load(secrets, &vault, &ca);
     println!();
     print_rows(&[default, fast]);

@@ -436,6 +436,58 @@ mod tests {
         assert_eq!(config.catalog.instances("web").len(), 1);
     }
 
+    fn tls_gateway(secret: &str) -> String {
+        format!(
+            "kind: Gateway\nname: https\nspec:\n  bindPort: 443\n  proxyNames: [gw-a]\n  tls:\n    certificates: [{{secret: {secret}}}]\n"
+        )
+    }
+
+    fn secrets(names: &[&str]) -> SourceEvent {
+        SourceEvent {
+            changes: vec![Change::Secrets(
+                names
+                    .iter()
+                    .map(|n| {
+                        (
+                            n.to_string(),
+                            SecretEntry {
+                                problem: Some("not found".into()),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            )],
+        }
+    }
+
+    #[test]
+    fn nothing_is_published_until_every_secret_referred_to_was_read_once() {
+        let mut s = IndexState::new(false).with_secrets(true, None);
+        s.apply(file("gw.yaml", &tls_gateway("tls/a")));
+        assert!(s.next_translation().is_none(), "awaiting tls/a");
+        assert_eq!(s.wanted_secrets().iter().collect::<Vec<_>>(), ["tls/a"]);
+        s.apply(secrets(&["tls/a"]));
+        let (_, config) = s.next_translation().expect("tls/a was read");
+        assert!(config.secrets.entries.contains_key("tls/a"));
+        // A new name waits again; a name no longer referred to is left out.
+        s.apply(file("gw.yaml", &tls_gateway("tls/b")));
+        assert!(s.next_translation().is_none(), "awaiting tls/b");
+        s.apply(secrets(&["tls/a", "tls/b"]));
+        let (_, config) = s.next_translation().unwrap();
+        assert_eq!(config.secrets.entries.keys().collect::<Vec<_>>(), ["tls/b"]);
+    }
+
+    #[test]
+    fn without_a_secret_source_every_secret_is_missing_at_once() {
+        let mut s = IndexState::new(false).with_secrets(false, Some("plaintext".into()));
+        s.apply(file("gw.yaml", &tls_gateway("tls/a")));
+        let (_, config) = s.next_translation().expect("nothing to wait for");
+        let entry = &config.secrets.entries["tls/a"];
+        assert!(entry.problem.as_deref().unwrap().contains("--secrets-dir"));
+        assert_eq!(config.secrets.refused.as_deref(), Some("plaintext"));
+    }
+
     #[test]
     fn kv_revisions_follow_the_values_and_go_with_them() {
         let mut s = IndexState::new(false);

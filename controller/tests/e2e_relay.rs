@@ -9,10 +9,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::vm::{create_token, route_to_consul_service, RelayController, Vm};
+use common::vm::{create_token, route_to_consul_service, RelayController, Vm, WebVm};
 use common::*;
 use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ConsulOptions, ServiceRegistration};
-use vmesh_testkit::{eventually, free_port, EchoServer};
+use vmesh_testkit::{eventually, free_port};
 use vmeshctl::bootstrap::Protocol;
 
 const PROXY: &str = "gateway-proxy";
@@ -20,31 +20,6 @@ const PROXY: &str = "gateway-proxy";
 /// The routing config: every request to the Consul service `web`, passing instances only.
 fn routing(consul: &ConsulEmulator, port: u16) {
     route_to_consul_service(consul, port, PROXY);
-}
-
-/// A VM running `web` (an echo server named `web@<vm>`) registered with a passing TTL check.
-struct WebVm {
-    vm: Vm,
-    echo: EchoServer,
-}
-
-impl WebVm {
-    fn new(n: u8) -> WebVm {
-        let vm = Vm::new(n);
-        let echo = vm.echo(&format!("web@vm-{n}"));
-        vm.register(
-            ServiceRegistration::new("web", echo.port())
-                .with_id("web-1")
-                .with_ttl_check(Duration::from_secs(3600)),
-        );
-        vm.consul
-            .set_check_status("service:web-1", CheckStatus::Passing);
-        WebVm { vm, echo }
-    }
-
-    fn set_health(&self, status: CheckStatus) {
-        assert!(self.vm.consul.set_check_status("service:web-1", status));
-    }
 }
 
 /// Which VMs served 30 requests in a row through Envoy.

@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use common::vm::{
     create_gateway_token, create_token, register, route_to_consul_service, tls_channel,
-    RelayController, Vm,
+    RelayController, WebVm,
 };
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use serde_json::json;
-use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ServiceRegistration};
+use vmesh_testkit::consul::ConsulEmulator;
 use vmesh_testkit::tls::{https_get, TestCa};
 use vmesh_testkit::vault::VaultEmulator;
 use vmesh_testkit::{eventually, free_port, request};
@@ -108,17 +108,9 @@ fn agents_and_gateways_get_certificates_from_vault_pki_and_https_from_vault_kv()
     );
 
     // An agent on a VM registers and renews through Vault PKI; its service gets traffic.
-    let mut vm = Vm::new(71);
-    let echo = vm.echo("web@vm-71");
-    vm.register(
-        ServiceRegistration::new("web", echo.port())
-            .with_id("web-1")
-            .with_ttl_check(Duration::from_secs(3600)),
-    );
-    vm.consul
-        .set_check_status("service:web-1", CheckStatus::Passing);
+    let mut web = WebVm::new(71);
     let token = create_token(&consul, None, None, None);
-    vm.start_agent(&relay, &token, &[]);
+    web.vm.start_agent(&relay, &token, &[]);
     // The gateway's certificate for the xDS port comes from Vault PKI too.
     let _gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
     wait_served_by(http, "/", &[], "web@vm-71");

@@ -224,14 +224,10 @@ impl SecretStore {
 mod tests {
     use super::*;
 
-    fn pair(names: &[&str], days: i64) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(2);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
-        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    fn pair(names: &[&str], days: u32) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let dev = vmesh_tls::dev::dev_certificate(&names, days).unwrap();
+        (dev.cert_pem, dev.key_pem)
     }
 
     fn found(revision: &str, cert: &str, key: &str) -> SecretRead {

@@ -267,6 +267,18 @@ impl Traffic {
         });
     }
 
+    /// Stops, and asserts that more than `min_ok` requests succeeded and none failed.
+    #[track_caller]
+    pub fn finish_without_failures(self, min_ok: u64) {
+        let (ok, failures) = self.finish();
+        assert!(ok > min_ok, "only {ok} requests succeeded");
+        assert!(
+            failures.is_empty(),
+            "{} requests failed: {failures:?}",
+            failures.len()
+        );
+    }
+
     /// Stops and returns (succeeded, the failures).
     pub fn finish(mut self) -> (u64, Vec<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);

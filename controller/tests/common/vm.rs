@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tonic::transport::Channel;
 use vmesh_proto::v1::registration_client::RegistrationClient;
 use vmesh_proto::v1::RegisterRequest;
-use vmesh_testkit::consul::{ConsulEmulator, ConsulOptions, ServiceRegistration};
+use vmesh_testkit::consul::{CheckStatus, ConsulEmulator, ConsulOptions, ServiceRegistration};
 use vmesh_testkit::process::AgentProcess;
 use vmesh_testkit::{eventually, free_port, EchoServer, Envoy};
 use vmeshctl::bootstrap::{render, BootstrapArgs, Protocol};
@@ -463,4 +463,29 @@ pub fn agent_binary() -> PathBuf {
         "vmesh-agent",
         vmesh_testkit::current_profile(),
     )
+}
+
+/// A VM running `web` (an echo server named `web@<vm>`) registered with a passing TTL check.
+pub struct WebVm {
+    pub vm: Vm,
+    pub echo: EchoServer,
+}
+
+impl WebVm {
+    pub fn new(n: u8) -> WebVm {
+        let vm = Vm::new(n);
+        let echo = vm.echo(&format!("web@vm-{n}"));
+        vm.register(
+            ServiceRegistration::new("web", echo.port())
+                .with_id("web-1")
+                .with_ttl_check(Duration::from_secs(3600)),
+        );
+        vm.consul
+            .set_check_status("service:web-1", CheckStatus::Passing);
+        WebVm { vm, echo }
+    }
+
+    pub fn set_health(&self, status: CheckStatus) {
+        assert!(self.vm.consul.set_check_status("service:web-1", status));
+    }
 }

@@ -1388,3 +1388,87 @@ fn gateway_access_log_fields_are_checked_operator_by_operator() {
         "has 33 fields; the limit is 32",
     );
 }
+
+// ---------------------------------------------------------------- TLS
+
+#[test]
+fn gateway_tls_is_checked_field_by_field() {
+    let tls = |v: serde_json::Value| set(gateway(), "/spec/tls", v);
+    assert_valid(tls(json!({"certificates": [{"secret": "vmesh/tls/shop"}]})));
+    assert_valid(tls(json!({
+        "certificates": [{"secret": "a"}, {"secret": "b"}],
+        "minVersion": "1.2", "maxVersion": "1.3",
+        "cipherSuites": ["ECDHE-ECDSA-AES128-GCM-SHA256"],
+        "clientCertificate": {"ca": "vmesh/ca/clients", "optional": true},
+    })));
+    assert_eq!(
+        problems(tls(json!({
+            "certificates": [{"secret": "../etc"}, {"secret": "a"}, {"secret": "a"}],
+            "minVersion": "1.3",
+            "maxVersion": "1.2",
+            "cipherSuites": ["RC4-MD5"],
+            "clientCertificate": {"ca": ""},
+        }))),
+        vec![
+            "spec.tls.certificates[0].secret: \"../etc\" is not a secret name: '/'-separated segments of letters, digits, '.', '_' and '-' (not '.' or '..'), at most 256 bytes".to_string(),
+            "spec.tls.certificates[2].secret: secret \"a\" is listed twice".into(),
+            "spec.tls.maxVersion: 1.2 is older than minVersion 1.3".into(),
+            "spec.tls.cipherSuites: applies to TLS 1.2 only, and minVersion is 1.3: remove it or lower minVersion".into(),
+            format!("spec.tls.cipherSuites[0]: \"RC4-MD5\" is not a cipher suite Envoy offers; use one of {}", vmesh_model::CIPHER_SUITES.join(", ")),
+            "spec.tls.clientCertificate.ca: \"\" is not a secret name: '/'-separated segments of letters, digits, '.', '_' and '-' (not '.' or '..'), at most 256 bytes".into(),
+        ]
+    );
+    assert_problem(
+        tls(json!({"certificates": []})),
+        "spec.tls.certificates",
+        "must list at least one certificate",
+    );
+    assert_problem(
+        tls(json!({"certificates": [{"secret": "a"}], "minVersion": "1.1"})),
+        "spec.tls.minVersion",
+        "unknown variant `1.1`",
+    );
+}
+
+#[test]
+fn an_https_redirect_belongs_on_a_plaintext_gateway() {
+    assert_valid(set(gateway(), "/spec/httpsRedirect", json!({})));
+    let both = set(
+        set(gateway(), "/spec/httpsRedirect", json!({"port": 8443})),
+        "/spec/tls",
+        json!({"certificates": [{"secret": "a"}]}),
+    );
+    assert_problem(
+        both,
+        "spec.httpsRedirect",
+        "a gateway with tls serves HTTPS itself",
+    );
+    assert_problem(
+        set(gateway(), "/spec/httpsRedirect", json!({"port": 0})),
+        "spec.httpsRedirect.port",
+        "must be between 1 and 65535",
+    );
+}
+
+#[test]
+fn upstream_tls_needs_a_ca_and_a_dns_name_for_sni() {
+    assert_valid(set(
+        upstream(),
+        "/spec/tls",
+        json!({"ca": "vmesh/ca/internal", "sni": "billing.internal"}),
+    ));
+    assert_problem(
+        set(
+            upstream(),
+            "/spec/tls",
+            json!({"ca": "x", "sni": "not a name"}),
+        ),
+        "spec.tls.sni",
+        "\"not a name\" is not a DNS name",
+    );
+    assert_problem(
+        set(upstream(), "/spec/tls", json!({"sni": "a.b"})),
+        "spec.tls",
+        "missing field `ca`",
+    );
+}

@@ -195,6 +195,25 @@ mod tests {
     }
 
     #[test]
+    fn oversized_material_is_refused_before_it_is_parsed() {
+        let huge = "A".repeat(MAX_PEM_BYTES + 1);
+        let e = check_certificate(&huge, "k", SystemTime::now()).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "cert is {} bytes; the limit is {MAX_PEM_BYTES}",
+                MAX_PEM_BYTES + 1
+            )
+        );
+        let (cert, _) = self_signed(&["a"], 30);
+        let e = check_certificate(&cert, &huge, SystemTime::now()).unwrap_err();
+        assert!(e.contains("key is over"), "{e}");
+        let many = cert.repeat(MAX_CERTIFICATES + 1);
+        let e = check_ca_bundle(&many).unwrap_err();
+        assert!(e.contains("more than 32 certificates"), "{e}");
+    }
+
+    #[test]
     fn a_ca_bundle_counts_its_certificates() {
         let (a, _) = self_signed(&["ca-a"], 30);
         let (b, _) = self_signed(&["ca-b"], 10);

@@ -258,38 +258,28 @@ fn translate_gateway<'c>(
             );
             continue;
         }
-        if let Some(redirect) = &spec.https_redirect {
+        let (routes, refs) = if let Some(redirect) = &spec.https_redirect {
             // Every request of the virtual service's domains goes to HTTPS; nothing upstream.
-            virtual_hosts.push(Part::element(
-                vs_key.to_string(),
-                VIRTUAL_HOSTS_FIELD,
-                &VirtualHost {
-                    name: vs_name.clone(),
-                    domains,
-                    routes: vec![https_redirect_route(redirect.port)],
-                    ..Default::default()
-                },
-                vec![],
-            ));
-            route_origins.insert(vs_key);
-            continue;
-        }
-        let Some(translated) = virtual_services.get(vs_name) else {
-            continue;
+            (vec![https_redirect_route(redirect.port)], vec![])
+        } else {
+            let Some(translated) = virtual_services.get(vs_name) else {
+                continue;
+            };
+            clusters.extend(translated.clusters.iter().cloned());
+            let refs = translated
+                .clusters
+                .iter()
+                .map(|c| ResourceRef::new(CLUSTER, c.clone()))
+                .collect();
+            (translated.routes.clone(), refs)
         };
-        clusters.extend(translated.clusters.iter().cloned());
-        let refs = translated
-            .clusters
-            .iter()
-            .map(|c| ResourceRef::new(CLUSTER, c.clone()))
-            .collect();
         virtual_hosts.push(Part::element(
             vs_key.to_string(),
             VIRTUAL_HOSTS_FIELD,
             &VirtualHost {
                 name: vs_name.clone(),
                 domains,
-                routes: translated.routes.clone(),
+                routes,
                 ..Default::default()
             },
             refs,

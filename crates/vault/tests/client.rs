@@ -31,6 +31,30 @@ fn settings(vault: &VaultEmulator, login: Login) -> Settings {
     }
 }
 
+/// The secret `app` (`k = v`) and the policy `app` that reads it.
+fn app_secret(vault: &VaultEmulator) {
+    call(
+        vault,
+        "POST",
+        "secret/data/app",
+        json!({"data": {"k": "v"}}),
+    );
+    allow_reading(vault, "app");
+}
+
+/// The policy `app`: read the KV v2 secret (or secrets, with `*`) at `path`.
+fn allow_reading(vault: &VaultEmulator, path: &str) {
+    let rules = format!(
+        "path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{path}\" {{ capabilities = [\"read\"] }}"
+    );
+    call(
+        vault,
+        "PUT",
+        "sys/policies/acl/app",
+        json!({ "policy": rules }),
+    );
+}
+
 fn token_with(vault: &VaultEmulator, body: Value) -> String {
     call(vault, "POST", "auth/token/create", body)["auth"]["client_token"]
         .as_str()
@@ -87,18 +111,7 @@ async fn a_token_reads_a_secret_at_its_current_version() {
 #[tokio::test]
 async fn a_renewable_token_is_renewed_and_a_refused_one_read_again_from_its_file() {
     let vault = VaultEmulator::start();
-    call(
-        &vault,
-        "POST",
-        "secret/data/app",
-        json!({"data": {"k": "v"}}),
-    );
-    call(
-        &vault,
-        "PUT",
-        "sys/policies/acl/app",
-        json!({"policy": "path \"secret/data/app\" { capabilities = [\"read\"] }\npath \"secret/metadata/app\" { capabilities = [\"read\"] }"}),
-    );
+    app_secret(&vault);
     let dir = scratch("file");
     let file = dir.join("token");
     std::fs::write(
@@ -157,12 +170,7 @@ async fn approle_logs_in_and_logs_in_again_once_its_token_expired() {
         "secret/data/app/db",
         json!({"data": {"password": "s"}}),
     );
-    call(
-        &vault,
-        "PUT",
-        "sys/policies/acl/app",
-        json!({"policy": "path \"secret/data/app/*\" { capabilities = [\"read\"] }\npath \"secret/metadata/app/*\" { capabilities = [\"read\"] }"}),
-    );
+    allow_reading(&vault, "app/*");
     call(
         &vault,
         "POST",
@@ -229,4 +237,49 @@ async fn no_token_appears_in_what_the_client_prints() {
         .unwrap_err();
     assert!(matches!(e, VaultError::Login(_)), "{e}");
     assert!(!e.to_string().contains(wrong), "{e}");
+}
+
+#[tokio::test]
+async fn maintain_logs_in_late_and_picks_up_a_new_token_file_without_being_asked() {
+    let vault = VaultEmulator::start();
+    app_secret(&vault);
+    let dir = scratch("maintain");
+    let file = dir.join("token");
+    // No file yet: the client starts anyway and says why it is not logged in.
+    let client =
+        std::sync::Arc::new(Vault::new(settings(&vault, Login::TokenFile(file.clone()))).unwrap());
+    assert!(client.logged_in().await.is_err());
+    let maintained = client.clone();
+    let task = tokio::spawn(async move { maintained.maintain().await });
+    // A token that may not read the secret (the wrong policy), then a good one in its place.
+    let first = token_with(&vault, json!({"ttl": "1h", "policies": ["default"]}));
+    std::fs::write(&file, &first).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.logged_in().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "never logged in");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        client.kv2_read("secret", "app").await,
+        Err(VaultError::Denied(_))
+    ));
+    // A different modification time, whatever the file system's resolution.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(
+        &file,
+        token_with(&vault, json!({"ttl": "1h", "policies": ["app"]})),
+    )
+    .unwrap();
+    loop {
+        if client.kv2_read("secret", "app").await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    task.abort();
+    let _ = std::fs::remove_dir_all(dir);
 }
