@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use vmesh_testkit::tls::{https_get, Issued, TestCa};
+use vmesh_testkit::tls::{https_get, https_get_as, Issued, TestCa, TlsEchoServer};
 use vmesh_testkit::{eventually, free_port, request, EchoServer};
 use vmeshctl::bootstrap::Protocol;
 
@@ -208,6 +208,105 @@ fn a_gateway_whose_only_certificate_is_missing_is_rejected_and_serves_nothing() 
     let message = s["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("vmesh/tls/nowhere"), "{message}");
     assert!(message.contains("no directory"), "{message}");
+}
+
+#[test]
+fn a_gateway_that_asks_for_client_certificates_serves_only_clients_with_one_from_its_ca() {
+    let web = EchoServer::start("web");
+    let https = free_port();
+    let ca = TestCa::new("server CA");
+    let clients = TestCa::new("client CA");
+    let stranger_ca = TestCa::new("another CA");
+    let secrets = vmesh_testkit::process::scratch_dir("e2e-secrets");
+    write_secret(
+        &secrets,
+        "vmesh/tls/shop",
+        &cert_fields(&ca.issue(&[SHOP], 30)),
+    );
+    write_secret(&secrets, "vmesh/ca/clients", &[("ca", clients.pem())]);
+    let gateway = format!(
+        "kind: Gateway\nname: https\nspec:\n  bindPort: {https}\n  proxyNames: [{PROXY}]\n  tls:\n    certificates: [{{secret: vmesh/tls/shop}}]\n    clientCertificate: {{ca: vmesh/ca/clients}}\n"
+    );
+    let files = [
+        ("web.yaml", upstream_doc("web", web.port())),
+        ("shop.yaml", vs("shop", SHOP)),
+        ("https.yaml", gateway),
+    ];
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let c = Controller::start_with(&refs, &["--secrets-dir", &secrets.display().to_string()]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    let member = clients.issue(&["client.example.com"], 30);
+    eventually(DEADLINE, "a client with a certificate served", || {
+        let r = https_get_as(https, SHOP, "/", ca.pem(), Some(&member))?;
+        (r.status == 200)
+            .then_some(())
+            .ok_or(format!("status {}", r.status))
+    });
+    assert!(
+        https_get(https, SHOP, "/", ca.pem()).is_err(),
+        "a client without a certificate was served"
+    );
+    let stranger = stranger_ca.issue(&["client.example.com"], 30);
+    assert!(
+        https_get_as(https, SHOP, "/", ca.pem(), Some(&stranger)).is_err(),
+        "a client with a certificate from another CA was served"
+    );
+    assert_eq!(gateway_status(&c)["state"], "Accepted");
+}
+
+#[test]
+fn an_upstream_with_tls_is_reached_over_tls_verified_against_its_ca_and_sni() {
+    let internal = TestCa::new("internal CA");
+    let billing = TlsEchoServer::start("billing", &internal.issue(&["billing.internal"], 30));
+    let port = free_port();
+    let secrets = vmesh_testkit::process::scratch_dir("e2e-secrets");
+    write_secret(&secrets, "vmesh/ca/internal", &[("ca", internal.pem())]);
+    let upstream = |sni: &str| {
+        format!(
+            "kind: Upstream\nname: billing\nspec:\n  static:\n    hosts: [{{address: 127.0.0.1, port: {}}}]\n  tls:\n    sni: {sni}\n    ca: vmesh/ca/internal\n",
+            billing.port()
+        )
+    };
+    let files = [
+        ("billing.yaml", upstream("billing.internal")),
+        (
+            "vs.yaml",
+            "kind: VirtualService\nname: b\nspec:\n  domains: [\"*\"]\n  routes: [{upstream: billing}]\n".to_string(),
+        ),
+        ("gateway.yaml", gateway_doc(port, PROXY)),
+    ];
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let c = Controller::start_with(&refs, &["--secrets-dir", &secrets.display().to_string()]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    wait_served_by(port, "/", &[], "billing");
+
+    // A name the host's certificate does not carry: Envoy refuses the host (503), and never
+    // falls back to plaintext.
+    c.write("billing.yaml", &upstream("other.internal"));
+    eventually(DEADLINE, "the wrong name refused", || {
+        let r = get(port, "/", &[])?;
+        (r.status == 503)
+            .then_some(())
+            .ok_or(format!("status {}", r.status))
+    });
+    // The right name again; then the CA disappears from the secrets directory: the upstream
+    // says so on its field, and the CA read last keeps verifying the host.
+    c.write("billing.yaml", &upstream("billing.internal"));
+    wait_served_by(port, "/", &[], "billing");
+    std::fs::remove_dir_all(secrets.join("vmesh/ca/internal")).unwrap();
+    eventually(DEADLINE, "the missing CA reported", || {
+        let s = c.object("Upstream", "billing").ok_or("no status")?;
+        let warned = s["warnings"].as_array().into_iter().flatten().any(|w| {
+            w["path"] == "spec.tls.ca"
+                && w["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("last good"))
+        });
+        (s["state"] == "Warning" && warned)
+            .then_some(())
+            .ok_or(format!("{s:#}"))
+    });
+    wait_served_by(port, "/", &[], "billing");
 }
 
 // ---- Vault ----

@@ -1,5 +1,6 @@
-//! TLS for tests of edge TLS: a test CA that issues server certificates ([`TestCa`]), and an
-//! HTTPS client that says which certificate the server presented ([`https_get`]).
+//! TLS for tests of edge TLS: a test CA that issues server certificates ([`TestCa`]), an HTTPS
+//! client that says which certificate the server presented ([`https_get`]), and an HTTPS
+//! upstream ([`TlsEchoServer`]).
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -95,6 +96,17 @@ impl HttpsResponse {
 /// `GET https://<sni>:<port><path>` to 127.0.0.1, verifying the server against `ca_pem` for the
 /// name `sni` (which is also the Host). HTTP/1.1, one request per connection.
 pub fn https_get(port: u16, sni: &str, path: &str, ca_pem: &str) -> Result<HttpsResponse, String> {
+    https_get_as(port, sni, path, ca_pem, None)
+}
+
+/// [`https_get`] presenting `client` (a certificate and its key) when the server asks for one.
+pub fn https_get_as(
+    port: u16,
+    sni: &str,
+    path: &str,
+    ca_pem: &str,
+    client: Option<&Issued>,
+) -> Result<HttpsResponse, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -102,9 +114,20 @@ pub fn https_get(port: u16, sni: &str, path: &str, ca_pem: &str) -> Result<Https
             .add(cert.map_err(|e| format!("CA: {e}"))?)
             .map_err(|e| format!("CA: {e}"))?;
     }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some(issued) => {
+            let chain = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client certificate: {e}"))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+                .map_err(|e| format!("client key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let name = ServerName::try_from(sni.to_string()).map_err(|e| format!("{sni}: {e}"))?;
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
@@ -146,4 +169,88 @@ pub fn https_get(port: u16, sni: &str, path: &str, ca_pem: &str) -> Result<Https
         body: body.to_string(),
         peer,
     })
+}
+
+/// An HTTPS upstream for tests of TLS from Envoy to its hosts: answers every request `200` with
+/// `x-served-by: <name>`, presenting `cert`. Runs until dropped.
+pub struct TlsEchoServer {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TlsEchoServer {
+    pub fn start(name: &str, cert: &Issued) -> TlsEchoServer {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificate");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
+        let config = Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("server config"),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("address").port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (name, stopped) = (name.to_string(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((sock, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let (config, name) = (config.clone(), name.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_one(sock, config, &name);
+                });
+            }
+        });
+        TlsEchoServer { port, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for TlsEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Answers the requests of one connection until the client closes it.
+fn serve_one(
+    sock: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    name: &str,
+) -> std::io::Result<()> {
+    sock.set_nonblocking(false)?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // Requests without a body (GET): one per blank line.
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let body = "ok";
+            write!(
+                tls,
+                "HTTP/1.1 200 OK\r\nx-served-by: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+            tls.flush()?;
+        }
+    }
 }
