@@ -174,6 +174,10 @@ pub struct Args {
     #[arg(long, env = "VMESH_VAULT_PKI_ROLE", default_value = "vmesh")]
     pub vault_pki_role: String,
 
+    /// How often the Vault PKI CA is read, to see a rotation.
+    #[arg(long, env = "VMESH_VAULT_PKI_POLL_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub vault_pki_poll_interval: Duration,
+
     #[command(flatten)]
     pub logging: vmesh_runtime::LogFlags,
 }

@@ -149,6 +149,7 @@ async fn build(args: Args) -> anyhow::Result<Supervisor> {
                                 mount.clone(),
                                 args.vault_pki_role.clone(),
                                 args.trust_domain.clone(),
+                                args.vault_pki_poll_interval,
                                 Duration::from_secs(30),
                             )
                             .await?,

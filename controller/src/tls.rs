@@ -79,35 +79,44 @@ fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug)]
 pub struct ServerCert {
     names: Vec<String>,
+    /// The lifetime of each certificate: twice the agents', so that the one in hand outlives a
+    /// hold ([`renewal_time`]).
     ttl: Duration,
+    /// After a CA rotation, how long the certificate from the old CA is kept: longer than the
+    /// half-life at which every connected agent renews and learns the new CA.
+    hold: Duration,
     current: RwLock<Arc<CertifiedKey>>,
     not_after: RwLock<SystemTime>,
 }
 
 impl ServerCert {
     /// Issues the first certificate for [`CONTROLLER_SERVER_NAME`] and `extra_names`.
+    ///
+    /// `agent_ttl` is the lifetime of agents' certificates: the controller's lives twice as long.
     pub fn issue(
         ca: &dyn CertificateAuthority,
         extra_names: &[String],
-        ttl: Duration,
+        agent_ttl: Duration,
     ) -> anyhow::Result<Self> {
         let mut names = vec![CONTROLLER_SERVER_NAME.to_owned()];
         names.extend(extra_names.iter().cloned());
         names.dedup();
+        let ttl = agent_ttl * 2;
         let (key, not_after) = certified_key(ca, &names, ttl)?;
         Ok(ServerCert {
             names,
             ttl,
+            hold: agent_ttl * 3 / 5,
             current: RwLock::new(Arc::new(key)),
             not_after: RwLock::new(not_after),
         })
     }
 
-    /// When the current certificate should be replaced: half-way through its life.
-    pub fn renew_at(&self, issued: SystemTime) -> SystemTime {
+    /// When the current certificate should be replaced: half-way through its life, or, during a
+    /// CA rotation, later ([`renewal_time`]).
+    pub fn renew_at(&self, issued: SystemTime, rotated_at: Option<SystemTime>) -> SystemTime {
         let not_after = *self.not_after.read().unwrap_or_else(|e| e.into_inner());
-        let life = not_after.duration_since(issued).unwrap_or_default();
-        issued + life / 2
+        renewal_time(issued, not_after, rotated_at, self.hold)
     }
 
     /// Issues a new certificate and serves it to new handshakes from now on.
@@ -118,22 +127,32 @@ impl ServerCert {
         Ok(not_after)
     }
 
-    /// Renews the certificate at every half-life, until a shutdown is asked for.
+    /// Renews the certificate at every half-life (later during a CA rotation), until a shutdown
+    /// is asked for.
     pub async fn keep_renewed(
         self: Arc<Self>,
         ca: Arc<dyn CertificateAuthority>,
         mut shutdown: Shutdown,
     ) -> anyhow::Result<()> {
+        // A rotation may start while we wait: look again at least this often.
+        const RECHECK: Duration = Duration::from_secs(60);
         let mut issued = SystemTime::now();
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut wait = Duration::ZERO;
         loop {
-            if wait.is_zero() {
-                wait = self
-                    .renew_at(issued)
+            let retrying = !wait.is_zero();
+            if !retrying {
+                let due = self
+                    .renew_at(issued, ca.rotated_at())
                     .duration_since(SystemTime::now())
-                    .unwrap_or_default()
-                    .max(Duration::from_secs(1));
+                    .unwrap_or_default();
+                if due > RECHECK {
+                    tokio::select! {
+                        () = tokio::time::sleep(RECHECK) => continue,
+                        () = shutdown.requested() => return Ok(()),
+                    }
+                }
+                wait = due.max(Duration::from_secs(1));
             }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -155,6 +174,32 @@ impl ServerCert {
                 }
             }
         }
+    }
+}
+
+/// When a certificate issued at `issued` and valid until `not_after` should be replaced:
+///
+/// - at its half-life;
+/// - but when the CA rotated after it was issued (`rotated_at`), not before `rotated_at + hold`:
+///   agents verify the controller against the bundle they got at their last renewal, so a
+///   certificate from the new CA would be refused by every agent that has not renewed since the
+///   rotation. Holding the old one past their half-life lets every connected agent renew (and
+///   learn the new CA) first;
+/// - never later than nine tenths of its life.
+pub fn renewal_time(
+    issued: SystemTime,
+    not_after: SystemTime,
+    rotated_at: Option<SystemTime>,
+    hold: Duration,
+) -> SystemTime {
+    let life = not_after.duration_since(issued).unwrap_or_default();
+    let half = issued + life / 2;
+    match rotated_at {
+        Some(rotated) if rotated > issued => {
+            let latest = issued + life * 9 / 10;
+            half.max(rotated + hold).min(latest)
+        }
+        _ => half,
     }
 }
 
@@ -412,4 +457,39 @@ fn refused(refusals: &Refusals, peer: SocketAddr, error: &io::Error) {
     refusals.note(reason, Some(peer), || {
         warn!(%peer, reason, error = %error, "TLS handshake refused");
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_certificate_is_renewed_at_half_life_or_held_through_a_ca_rotation() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // Agents' certificates live 24 h: the controller's 48 h, held 14.4 h after a rotation.
+        let (not_after, hold) = (t0 + 48 * HOUR, HOUR * 144 / 10);
+        assert_eq!(renewal_time(t0, not_after, None, hold), t0 + 24 * HOUR);
+        // A rotation before this certificate was issued: it is from the new CA already.
+        assert_eq!(
+            renewal_time(t0, not_after, Some(t0 - HOUR), hold),
+            t0 + 24 * HOUR
+        );
+        // A rotation just before the half-life: held until every agent has renewed.
+        assert_eq!(
+            renewal_time(t0, not_after, Some(t0 + 23 * HOUR), hold),
+            t0 + 23 * HOUR + hold
+        );
+        // Early in its life: the half-life comes after the hold anyway.
+        assert_eq!(
+            renewal_time(t0, not_after, Some(t0 + HOUR), hold),
+            t0 + 24 * HOUR
+        );
+        // Never past nine tenths of its life.
+        assert_eq!(
+            renewal_time(t0, not_after, Some(t0 + 40 * HOUR), hold),
+            t0 + HOUR * 432 / 10
+        );
+    }
 }

@@ -5,15 +5,17 @@
 //!   controller's relay certificate carries the name `vmesh-controller`. The role must allow
 //!   both (docs/tls.md gives it); the CSR's own names are never used.
 //! - The trust bundle is every CA certificate the mount has had since the controller started
-//!   (`<pki>/cert/ca`, read every [`CA_POLL`]): when the CA rotates, certificates of the old and
+//!   (`<pki>/cert/ca`, read every `--vault-pki-poll-interval`): when the CA rotates, certificates of the old and
 //!   the new one verify, and agents get both at their next registration or renewal. A CA is
-//!   dropped from the bundle once it has been replaced for longer than [`KEEP_REPLACED`].
+//!   dropped from the bundle once it has been replaced for longer than [`KEEP_REPLACED`]. Meanwhile
+//!   the controller keeps its own certificate from the old CA until agents have renewed
+//!   (`tls::renewal_time`).
 //!
 //! The relay's CA interface is synchronous; signing here waits for Vault on the calling worker
 //! ([`tokio::task::block_in_place`]), within the client's request timeout.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
@@ -25,14 +27,14 @@ use vmesh_tls::{
 };
 use vmesh_vault::{SignRequest, Vault};
 
-/// How often the CA certificate is read for a rotation.
-pub const CA_POLL: Duration = Duration::from_secs(60);
 /// How long a replaced CA stays trusted: longer than any certificate it signed lives.
 pub const KEEP_REPLACED: Duration = Duration::from_secs(7 * 24 * 3600);
 
 struct Bundle {
     /// The CA certificates trusted, newest last, with when each was replaced.
     cas: Vec<(String, Option<Instant>)>,
+    /// When the newest one replaced another (wall clock, for the controller's certificate).
+    rotated: Option<SystemTime>,
 }
 
 impl Bundle {
@@ -53,6 +55,9 @@ impl Bundle {
             replaced.get_or_insert(now);
         }
         self.cas.retain(|(old, _)| *old != pem);
+        if !self.cas.is_empty() {
+            self.rotated = Some(SystemTime::now());
+        }
         self.cas.push((pem, None));
         true
     }
@@ -70,6 +75,8 @@ pub struct VaultCa {
     role: String,
     trust_domain: String,
     bundle: RwLock<Bundle>,
+    /// How often the CA is read for a rotation.
+    poll: Duration,
 }
 
 impl VaultCa {
@@ -80,6 +87,7 @@ impl VaultCa {
         mount: String,
         role: String,
         trust_domain: String,
+        poll: Duration,
         patience: Duration,
     ) -> anyhow::Result<VaultCa> {
         let deadline = Instant::now() + patience;
@@ -105,7 +113,10 @@ impl VaultCa {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         info!(mount = %mount, role = %role, "Vault PKI is the mesh CA");
-        let mut bundle = Bundle { cas: Vec::new() };
+        let mut bundle = Bundle {
+            cas: Vec::new(),
+            rotated: None,
+        };
         bundle.observe(&pem, Instant::now());
         Ok(VaultCa {
             vault,
@@ -113,14 +124,15 @@ impl VaultCa {
             role,
             trust_domain,
             bundle: RwLock::new(bundle),
+            poll,
         })
     }
 
-    /// Reads the CA every [`CA_POLL`] and trusts a new one next to the old, until shutdown.
+    /// Reads the CA every poll interval and trusts a new one next to the old, until shutdown.
     pub async fn watch_rotation(self: Arc<Self>, mut shutdown: Shutdown) -> anyhow::Result<()> {
         loop {
             tokio::select! {
-                () = tokio::time::sleep(CA_POLL) => {}
+                () = tokio::time::sleep(self.poll) => {}
                 () = shutdown.requested() => return Ok(()),
             }
             match self.vault.pki_ca_pem(&self.mount).await {
@@ -204,6 +216,12 @@ impl CertificateAuthority for VaultCa {
         self.bundle.read().unwrap_or_else(|e| e.into_inner()).pem()
     }
 
+    fn rotated_at(&self) -> Option<SystemTime> {
+        let bundle = self.bundle.read().unwrap_or_else(|e| e.into_inner());
+        // Only while the old CA is still trusted.
+        bundle.rotated.filter(|_| bundle.cas.len() > 1)
+    }
+
     fn sign(
         &self,
         csr_der: &[u8],
@@ -263,12 +281,17 @@ mod tests {
     #[test]
     fn a_rotated_ca_is_trusted_next_to_the_old_one_until_it_has_been_replaced_long_enough() {
         let t0 = Instant::now();
-        let mut b = Bundle { cas: Vec::new() };
+        let mut b = Bundle {
+            cas: Vec::new(),
+            rotated: None,
+        };
         assert!(b.observe("OLD", t0));
         assert!(!b.observe("OLD\n", t0 + Duration::from_secs(60)));
         assert_eq!(b.pem(), "OLD\n");
+        assert_eq!(b.rotated, None, "the first CA is no rotation");
         assert!(b.observe("NEW", t0 + Duration::from_secs(120)));
         assert_eq!(b.pem(), "OLD\nNEW\n");
+        assert!(b.rotated.is_some());
         // Long after the rotation, the old one goes.
         assert!(!b.observe("NEW", t0 + KEEP_REPLACED + Duration::from_secs(121)));
         assert_eq!(b.pem(), "NEW\n");

@@ -196,3 +196,87 @@ fn agents_and_gateways_get_certificates_from_vault_pki_and_https_from_vault_kv()
         "the gateway's own certificate did not get its secret: {answers:?}"
     );
 }
+
+#[test]
+fn a_rotation_of_vaults_ca_keeps_agents_and_the_gateway_connected() {
+    let consul = ConsulEmulator::start();
+    let ca = TestCa::new("shop CA");
+    let vault = vault(&ca);
+    let vault_ca = vmesh_testkit::process::scratch_dir("vault-pki").join("ca.pem");
+    std::fs::write(&vault_ca, vault.pki_ca_pem()).unwrap();
+    let http = free_port();
+    route_to_consul_service(&consul, http, PROXY);
+    let relay = RelayController::start_with_ca_file(
+        &consul,
+        &[
+            "--vault-addr",
+            &vault.url(),
+            "--vault-token",
+            ROOT,
+            "--vault-pki-mount",
+            "pki",
+            "--vault-pki-poll-interval",
+            "200ms",
+            // Agents renew about every 3 s; the controller's certificate lives 12 s.
+            "--agent-cert-ttl",
+            "6s",
+        ],
+        Some(vault_ca),
+    );
+    let mut web = WebVm::new(75);
+    web.vm
+        .start_agent(&relay, &create_token(&consul, None, None, None), &[]);
+    let gateway = relay.gateway(&consul, PROXY, Protocol::Delta);
+    wait_served_by(http, "/", &[], "web@vm-75");
+
+    // The operator rotates the root. The controller trusts both, keeps its own certificate from
+    // the old one until the agents have renewed (and learnt the new one), then moves.
+    let new_ca = vault.rotate_pki_root();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let relay_addr = relay.relay_addr();
+    eventually(
+        Duration::from_secs(30),
+        "the controller's certificate from the new CA",
+        || {
+            rt.block_on(vmesh_testkit::relay::tls_channel(
+                &relay_addr,
+                &new_ca,
+                None,
+                ip(76),
+            ))
+            .map(|_| ())
+        },
+    );
+    // After the move, the agent and the gateway still renew over the relay, and a config change
+    // still reaches the gateway's Envoy over the mutual-TLS xDS port.
+    let renewed = relay.metric("vmesh_relay_renewals_total", "");
+    eventually(Duration::from_secs(30), "renewals after the move", || {
+        let n = relay.metric("vmesh_relay_renewals_total", "");
+        (n >= renewed + 4.0)
+            .then_some(())
+            .ok_or(format!("{n} renewals, {renewed} at the move"))
+    });
+    let connected = relay.metric("vmesh_relay_agents_connected", "");
+    assert!(connected >= 1.0, "{connected} agents connected");
+    consul.kv_put(
+        "vmesh/config/VirtualService/after",
+        b"kind: VirtualService\nname: after\nspec:\n  domains: [after.example]\n  routes:\n    - directResponse:\n        status: 200\n        body: after the rotation\n",
+    );
+    eventually(DEADLINE, "a change after the rotation served", || {
+        let r = get(http, "/", &[("host", "after.example")])?;
+        (r.status == 200 && r.body == "after the rotation")
+            .then_some(())
+            .ok_or(format!(
+                "{} {}; status {:?}; envoy connected {:?}; {}",
+                r.status,
+                r.body,
+                relay.controller.object("VirtualService", "after"),
+                gateway.envoy.stat("control_plane.connected_state"),
+                vmesh_testkit::process::tail(&gateway.envoy.log(), 5)
+            ))
+    });
+    wait_served_by(http, "/", &[], "web@vm-75");
+}

@@ -115,6 +115,13 @@ pub trait CertificateAuthority: Send + Sync {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<IssuedCertificate, CaError>;
+
+    /// When the CA that signs last changed while certificates of the one before are still
+    /// trusted (a rotation in progress), if it did: the controller then keeps its own
+    /// certificate from the old CA until agents have had time to learn the new one.
+    fn rotated_at(&self) -> Option<SystemTime> {
+        None
+    }
 }
 
 /// The DNS name every controller's relay certificate carries and every agent verifies,

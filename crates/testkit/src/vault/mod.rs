@@ -188,6 +188,23 @@ impl VaultEmulator {
             .unwrap_or_default()
     }
 
+    /// Replaces the PKI root CA with a new one, keeping the roles: what an operator's root
+    /// rotation looks like to a client (`pki/root/rotate/internal` and `pki/root/replace` in
+    /// Vault 1.11+). Returns the new CA (PEM).
+    pub fn rotate_pki_root(&self) -> String {
+        let mut state = self.shared.lock();
+        let roles = state
+            .pki
+            .as_ref()
+            .map(|p| p.roles.clone())
+            .unwrap_or_default();
+        let mut pki = pki::Pki::new().unwrap_or_else(|e| panic!("vault emulator: root CA: {e}"));
+        pki.roles = roles;
+        let pem = pki.ca_pem().to_string();
+        state.pki = Some(pki);
+        pem
+    }
+
     /// How many HTTP requests it has received.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)

@@ -120,7 +120,13 @@ impl Pki {
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "vault-emulator root");
+        // Each root its own name, as Vault's roots have (a rotation makes a second one), so that
+        // verifiers that pick issuers by name find the right one.
+        let id = crate::consul::new_uuid();
+        dn.push(
+            DnType::CommonName,
+            format!("vault-emulator root {}", &id[..8]),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -202,6 +208,8 @@ impl Pki {
         }
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
+        // Like Vault's: the issuer's key identifier, for verifiers that hold several roots.
+        params.use_authority_key_identifier_extension = true;
         let random =
             u64::from_str_radix(&crate::consul::new_uuid().replace('-', "")[..16], 16).unwrap_or(1);
         let mut serial: [u8; 8] = random.to_be_bytes();
