@@ -211,6 +211,52 @@ fn a_gateway_whose_only_certificate_is_missing_is_rejected_and_serves_nothing() 
 }
 
 #[test]
+fn every_cipher_suite_and_version_the_model_offers_is_taken_by_envoy() {
+    let web = EchoServer::start("web");
+    let https = free_port();
+    let ca = TestCa::new("server CA");
+    let shop = ca.issue(&[SHOP], 30);
+    let secrets = vmesh_testkit::process::scratch_dir("e2e-secrets");
+    write_secret(&secrets, "vmesh/tls/shop", &cert_fields(&shop));
+    let suites: Vec<String> = vmesh_model::CIPHER_SUITES
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect();
+    let gateway = |max: &str| {
+        format!(
+            "kind: Gateway\nname: https\nspec:\n  bindPort: {https}\n  proxyNames: [{PROXY}]\n  tls:\n    certificates: [{{secret: vmesh/tls/shop}}]\n    minVersion: \"1.2\"\n    maxVersion: \"{max}\"\n    cipherSuites: [{}]\n",
+            suites.join(", ")
+        )
+    };
+    let files = [
+        ("web.yaml", upstream_doc("web", web.port())),
+        ("shop.yaml", vs("shop", SHOP)),
+        ("https.yaml", gateway("1.2")),
+    ];
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let c = Controller::start_with(&refs, &["--secrets-dir", &secrets.display().to_string()]);
+    let _envoy = c.envoy(PROXY, Protocol::Delta);
+    // TLS 1.2 only, with every suite listed: Envoy takes the listener and serves.
+    wait_certificate(https, SHOP, &ca, &shop);
+    // TLS 1.3 only (the suites do not apply there; the model refuses them with minVersion 1.3).
+    let before = gateway_status(&c)["version"].clone();
+    c.write(
+        "https.yaml",
+        &format!(
+            "kind: Gateway\nname: https\nspec:\n  bindPort: {https}\n  proxyNames: [{PROXY}]\n  tls:\n    certificates: [{{secret: vmesh/tls/shop}}]\n    minVersion: \"1.3\"\n"
+        ),
+    );
+    eventually(DEADLINE, "the TLS 1.3 listener taken", || {
+        let s = gateway_status(&c);
+        let acked =
+            s["version"] != before && s["proxies"]["acked"] == 1 && s["state"] == "Accepted";
+        acked.then_some(()).ok_or(format!("{s:#}"))
+    });
+    wait_certificate(https, SHOP, &ca, &shop);
+    assert_eq!(gateway_status(&c)["errors"], json!([]));
+}
+
+#[test]
 fn a_gateway_that_asks_for_client_certificates_serves_only_clients_with_one_from_its_ca() {
     let web = EchoServer::start("web");
     let https = free_port();
