@@ -68,6 +68,30 @@ fn vault(ca: &TestCa) -> VaultEmulator {
     vault
 }
 
+/// A controller with its relay on, Vault PKI as the mesh CA and Vault KV for secrets; agents
+/// renew about every 3 s. Agents are given Vault's CA as their `--ca-file`.
+fn relay_on_vault(
+    consul: &ConsulEmulator,
+    vault: &VaultEmulator,
+    extra: &[&str],
+) -> RelayController {
+    let vault_ca = vmesh_testkit::process::scratch_dir("vault-pki").join("ca.pem");
+    std::fs::write(&vault_ca, vault.pki_ca_pem()).unwrap();
+    let url = vault.url();
+    let mut args = vec![
+        "--vault-addr",
+        url.as_str(),
+        "--vault-token",
+        ROOT,
+        "--vault-pki-mount",
+        "pki",
+        "--agent-cert-ttl",
+        "6s",
+    ];
+    args.extend_from_slice(extra);
+    RelayController::start_with_ca_file(consul, &args, Some(vault_ca))
+}
+
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
@@ -77,9 +101,6 @@ fn agents_and_gateways_get_certificates_from_vault_pki_and_https_from_vault_kv()
     let consul = ConsulEmulator::start();
     let ca = TestCa::new("shop CA");
     let vault = vault(&ca);
-    let vault_ca = vmesh_testkit::process::scratch_dir("vault-pki").join("ca.pem");
-    std::fs::write(&vault_ca, vault.pki_ca_pem()).unwrap();
-
     let (http, https) = (free_port(), free_port());
     route_to_consul_service(&consul, http, PROXY);
     consul.kv_put(
@@ -89,23 +110,8 @@ fn agents_and_gateways_get_certificates_from_vault_pki_and_https_from_vault_kv()
         )
         .as_bytes(),
     );
-    let relay = RelayController::start_with_ca_file(
-        &consul,
-        &[
-            "--vault-addr",
-            &vault.url(),
-            "--vault-token",
-            ROOT,
-            "--vault-pki-mount",
-            "pki",
-            "--vault-poll-interval",
-            "200ms",
-            // Agents renew about every 3 s.
-            "--agent-cert-ttl",
-            "6s",
-        ],
-        Some(vault_ca.clone()),
-    );
+    // Secrets polled every 200 ms.
+    let relay = relay_on_vault(&consul, &vault, &["--vault-poll-interval", "200ms"]);
 
     // An agent on a VM registers and renews through Vault PKI; its service gets traffic.
     let mut web = WebVm::new(71);
@@ -202,27 +208,10 @@ fn a_rotation_of_vaults_ca_keeps_agents_and_the_gateway_connected() {
     let consul = ConsulEmulator::start();
     let ca = TestCa::new("shop CA");
     let vault = vault(&ca);
-    let vault_ca = vmesh_testkit::process::scratch_dir("vault-pki").join("ca.pem");
-    std::fs::write(&vault_ca, vault.pki_ca_pem()).unwrap();
     let http = free_port();
     route_to_consul_service(&consul, http, PROXY);
-    let relay = RelayController::start_with_ca_file(
-        &consul,
-        &[
-            "--vault-addr",
-            &vault.url(),
-            "--vault-token",
-            ROOT,
-            "--vault-pki-mount",
-            "pki",
-            "--vault-pki-poll-interval",
-            "200ms",
-            // Agents renew about every 3 s; the controller's certificate lives 12 s.
-            "--agent-cert-ttl",
-            "6s",
-        ],
-        Some(vault_ca),
-    );
+    // The CA read every 200 ms; the controller's certificate lives 12 s.
+    let relay = relay_on_vault(&consul, &vault, &["--vault-pki-poll-interval", "200ms"]);
     let mut web = WebVm::new(75);
     web.vm
         .start_agent(&relay, &create_token(&consul, None, None, None), &[]);
